@@ -1,0 +1,3 @@
+from towerctl.cli import main
+
+main()

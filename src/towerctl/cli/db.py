@@ -1,0 +1,56 @@
+"""`towerctl db`: the embedded PostgreSQL server."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from towerctl.cli.state import note, print_json
+
+app = typer.Typer(
+    help="The embedded PostgreSQL server (the default database).", no_args_is_help=True
+)
+
+
+@app.command("url")
+def url() -> None:
+    """Print the embedded server's connection URL (starting it if needed), e.g. for psql."""
+    from towerctl import config, embedded
+
+    sys.stdout.write(embedded.ensure_running(config.home()).url + "\n")
+
+
+@app.command("status")
+def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Report whether the embedded server is running, and where its data lives."""
+    from towerctl import config, embedded
+
+    pgdata = embedded.pgdata_path(config.home())
+    info = embedded.read_running(pgdata)
+    report = {
+        "running": info is not None,
+        "pgdata": str(pgdata),
+        "initialized": (pgdata / "PG_VERSION").exists(),
+        "pid": info.pid if info else None,
+        "url": info.url if info else None,
+    }
+    if as_json:
+        print_json(report)
+        return
+    if info is None:
+        sys.stdout.write(f"embedded server: stopped (data in {pgdata})\n")
+    else:
+        sys.stdout.write(f"embedded server: running, pid {info.pid}, data in {pgdata}\n")
+        sys.stdout.write(f"url: {info.url}\n")
+
+
+@app.command("stop")
+def stop() -> None:
+    """Stop the embedded server (fast shutdown); the next command starts it again."""
+    from towerctl import config, embedded
+
+    if embedded.stop(config.home()):
+        note("embedded server stopped")
+    else:
+        note("embedded server was not running")

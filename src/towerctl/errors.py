@@ -1,0 +1,68 @@
+"""Exit codes of the contract and the exceptions that carry them.
+
+Services raise these; the CLI turns each into one line on stderr and its code.
+Messages must never contain secrets (root key, macaroons, passwords).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    INTERNAL = 1
+    BAD_INPUT = 2
+    UNAUTHORIZED = 3
+    NOT_FOUND = 4
+    NOT_SERVED = 5
+    AGENT_FAILED = 6
+    MIGRATION = 7
+    UNREACHABLE = 8
+    INCONSISTENT = 9
+
+
+class TowerError(Exception):
+    """Base of every expected failure; `str()` is the one line shown to the user."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class BadInput(TowerError):
+    exit_code = ExitCode.BAD_INPUT
+
+
+class Unauthorized(TowerError):
+    exit_code = ExitCode.UNAUTHORIZED
+
+
+class NotFound(TowerError):
+    exit_code = ExitCode.NOT_FOUND
+
+
+class NotServed(TowerError):
+    exit_code = ExitCode.NOT_SERVED
+
+
+class AgentFailed(TowerError):
+    exit_code = ExitCode.AGENT_FAILED
+
+
+class MigrationError(TowerError):
+    exit_code = ExitCode.MIGRATION
+
+
+class DatabaseUnreachable(TowerError):
+    exit_code = ExitCode.UNREACHABLE
+
+
+class Inconsistent(TowerError):
+    exit_code = ExitCode.INCONSISTENT

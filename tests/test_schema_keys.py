@@ -1,0 +1,76 @@
+"""SPEC 10: every per-session table is keyed by session_id (ready for Citus)."""
+
+from __future__ import annotations
+
+import psycopg
+
+PER_SESSION = {"session_requests", "balance_ledger", "session_messages", "session_history_clears"}
+SESSION_LESS = {"tower_schema_migrations", "macaroon_revocations", "sessions"}
+
+
+def constraints(conn: psycopg.Connection) -> list[tuple[str, str, str, list[str], list[str]]]:
+    """(table, constraint, type, its columns, referenced columns) for p/u/f constraints."""
+    rows = conn.execute(
+        """
+        SELECT rel.relname, con.conname, con.contype,
+               ARRAY(SELECT a.attname FROM unnest(con.conkey) k
+                     JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k),
+               ARRAY(SELECT a.attname FROM unnest(con.confkey) k
+                     JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k)
+        FROM pg_constraint con
+        JOIN pg_class rel ON rel.oid = con.conrelid
+        JOIN pg_namespace ns ON ns.oid = rel.relnamespace
+        WHERE ns.nspname = current_schema() AND con.contype IN ('p', 'u', 'f')
+        """
+    ).fetchall()
+    return [(r[0], r[1], r[2], list(r[3]), list(r[4])) for r in rows]
+
+
+def unique_indexes(conn: psycopg.Connection) -> list[tuple[str, str, list[str]]]:
+    rows = conn.execute(
+        """
+        SELECT t.relname, i.relname,
+               ARRAY(SELECT a.attname FROM unnest(ix.indkey) k
+                     JOIN pg_attribute a ON a.attrelid = ix.indrelid AND a.attnum = k)
+        FROM pg_index ix
+        JOIN pg_class t ON t.oid = ix.indrelid
+        JOIN pg_class i ON i.oid = ix.indexrelid
+        JOIN pg_namespace ns ON ns.oid = t.relnamespace
+        WHERE ns.nspname = current_schema() AND ix.indisunique
+        """
+    ).fetchall()
+    return [(r[0], r[1], list(r[2])) for r in rows]
+
+
+def test_every_table_is_classified(conn: psycopg.Connection) -> None:
+    names = {
+        r[0]
+        for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+    }
+    assert names == PER_SESSION | SESSION_LESS, "classify new tables in this test"
+
+
+def test_per_session_keys_include_session_id(conn: psycopg.Connection) -> None:
+    faults = []
+    for table, name, kind, columns, referenced in constraints(conn):
+        if table not in PER_SESSION:
+            continue
+        if "session_id" not in columns:
+            faults.append(f"{table}.{name} ({kind}) lacks session_id")
+        if kind == "f" and columns[0] != "session_id":
+            faults.append(f"{table}.{name} must start with session_id")
+        if kind == "f" and referenced != ["id"] and "session_id" not in referenced:
+            faults.append(f"{table}.{name} references a table without session_id")
+    for table, index, columns in unique_indexes(conn):
+        if table in PER_SESSION and "session_id" not in columns:
+            faults.append(f"unique index {index} on {table} lacks session_id")
+    assert faults == []
+
+
+def test_every_per_session_table_has_a_primary_key_starting_with_session_id(
+    conn: psycopg.Connection,
+) -> None:
+    pkeys = {t: cols for t, _, kind, cols, _ in constraints(conn) if kind == "p"}
+    for table in PER_SESSION:
+        assert pkeys[table][0] == "session_id", table
+    assert pkeys["sessions"] == ["id"]
