@@ -65,13 +65,14 @@ def split_statements(script: str) -> list[Statement]:
         if ch.isspace():
             i += 1
             continue
-        if start is None:
-            start = i
         if ch == ";":
-            statements.append(Statement(script[start:i], line_at(start)))
+            if start is not None:
+                statements.append(Statement(script[start:i].rstrip(), line_at(start)))
             start = None
             i += 1
             continue
+        if start is None:
+            start = i
         if ch == "'":
             escapes = (
                 i > 0 and script[i - 1] in "eE" and (i < 2 or not _is_ident_char(script[i - 2]))
