@@ -152,3 +152,27 @@ class CLI:
         result = Result(int(code), out.getvalue(), err.getvalue())
         assert "Traceback" not in result.stderr, result.stderr
         return result
+
+
+def assert_store_consistent(url: str) -> None:
+    """The doctor's invariants (ledger, messages, requests) hold."""
+    from towerctl.doctor import run_checks
+
+    with psycopg.connect(url, autocommit=True) as c:
+        failed = [f"{k.name}: {k.detail}" for k in run_checks(c) if not k.ok]
+    assert failed == []
+
+
+@dataclass(frozen=True)
+class OpenedSession:
+    id: str
+    macaroon: str
+
+
+def open_session(cli: CLI, deposit: int = 200) -> OpenedSession:
+    import json
+
+    result = cli("session", "open", "--deposit", str(deposit), "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    return OpenedSession(doc["sessionId"], doc["macaroon"])

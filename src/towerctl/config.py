@@ -28,6 +28,11 @@ def database_url(flag: str | None) -> str | None:
     return flag or os.environ.get("TOWER_DATABASE_URL") or None
 
 
+def macaroon_location() -> str:
+    """The location written into macaroons and required of them (`TOWER_MACAROON_LOCATION`)."""
+    return os.environ.get("TOWER_MACAROON_LOCATION") or "timmy-tower"
+
+
 def _number(name: str, default: float, *, minimum: float = 0) -> float:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":

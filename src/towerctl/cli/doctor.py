@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
+
+from towerctl.cli.state import connect, print_json
 
 
 def doctor(
     ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")
 ) -> None:
-    """Check every invariant of the store; exit 9 when one does not hold."""
-    raise typer.Exit(1)
+    """Check every invariant of the store; exit 9 naming what is at fault."""
+    from towerctl.doctor import run_checks
+    from towerctl.errors import Inconsistent
+
+    checks = run_checks(connect(ctx))
+    ok = all(c.ok for c in checks)
+    if as_json:
+        print_json(
+            {"ok": ok, "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks]}
+        )
+    else:
+        for c in checks:
+            sys.stdout.write(f"{'ok  ' if c.ok else 'FAIL'}  {c.name}: {c.detail}\n")
+    if not ok:
+        failed = [c.name for c in checks if not c.ok]
+        raise Inconsistent(f"{len(failed)} check(s) failed: {', '.join(failed)}")

@@ -1,7 +1,152 @@
-"""`towerctl macaroon`."""
+"""`towerctl macaroon`: mint, inspect, verify, attenuate and revoke session tokens.
+
+A TOKEN argument of `-` reads the token from stdin.
+"""
 
 from __future__ import annotations
 
+import sys
+from datetime import UTC, datetime
+
 import typer
 
-app = typer.Typer(help="macaroon commands.", no_args_is_help=True)
+from towerctl.cli.state import connect, note, print_json, read_token
+
+app = typer.Typer(help="Macaroons that authorise work on one session.", no_args_is_help=True)
+
+TOKEN = typer.Argument(..., metavar="TOKEN", help="The macaroon, or - to read it from stdin.")
+
+
+def _token(value: str) -> str:
+    from towerctl.errors import Unauthorized
+
+    token = read_token(value)
+    if not token:
+        raise Unauthorized("no macaroon given")
+    return token
+
+
+def _scopes(text: str) -> tuple[str, ...]:
+    from towerctl import macaroons
+    from towerctl.errors import BadInput
+
+    try:
+        return macaroons.normalise_scopes(text.split(","))
+    except ValueError as error:
+        raise BadInput(f"--scope: {error}") from None
+
+
+@app.command("mint")
+def mint(
+    ctx: typer.Context,
+    session_id: str = typer.Argument(..., metavar="SESSION_ID"),
+    scope: str = typer.Option("read,request", "--scope", help="Comma-separated: read, request."),
+    ttl: str = typer.Option("24h", "--ttl", help="Lifetime: 90s, 15m, 24h, 7d."),
+) -> None:
+    """Mint a macaroon for one session; prints the token alone."""
+    from towerctl import config, keys, macaroons, sessions
+    from towerctl.units import parse_duration, parse_session_id
+
+    sid = parse_session_id(session_id)
+    scopes = _scopes(scope)
+    lifetime = parse_duration(ttl)
+    ring = keys.load_ring()
+    session = sessions.get_session(connect(ctx), sid)
+    token = macaroons.mint(
+        ring,
+        session.id,
+        scopes,
+        datetime.now(UTC) + lifetime,
+        location=config.macaroon_location(),
+    )
+    sys.stdout.write(token + "\n")
+
+
+@app.command("inspect")
+def inspect(
+    token: str = TOKEN, as_json: bool = typer.Option(False, "--json", help="Print JSON.")
+) -> None:
+    """Show what a token says (no key needed; the signature is never shown)."""
+    from towerctl import macaroons
+    from towerctl.errors import Unauthorized
+    from towerctl.render import write_key_values
+
+    try:
+        info = macaroons.inspect(_token(token))
+    except macaroons.TokenRefused as refused:
+        raise Unauthorized(f"macaroon refused: {refused}") from None
+    doc = {
+        "location": info.location,
+        "identifier": info.identifier,
+        "keyId": info.key_id,
+        "sessionId": info.session_id,
+        "scopes": list(info.scopes),
+        "expiresAt": info.expires_at,
+        "caveats": list(info.caveats),
+    }
+    if as_json:
+        print_json(doc)
+    else:
+        write_key_values(doc | {"scopes": ",".join(info.scopes), "caveats": ""}, sys.stdout)
+        for caveat in info.caveats:
+            sys.stdout.write(f"  {caveat}\n")
+
+
+@app.command("verify")
+def verify(
+    ctx: typer.Context,
+    token: str = TOKEN,
+    session: str | None = typer.Option(None, "--session", help="Require this session."),
+    scope: str | None = typer.Option(None, "--scope", help="Require this scope."),
+) -> None:
+    """Check a token: signature, caveats, expiry, revocation (exit 3 when it fails)."""
+    from towerctl import auth, keys
+    from towerctl.render import iso
+    from towerctl.units import parse_session_id
+
+    sid = str(parse_session_id(session)) if session else None
+    required = _scopes(scope)[0] if scope else None
+    if scope and len(_scopes(scope)) != 1:
+        from towerctl.errors import BadInput
+
+        raise BadInput("--scope takes one scope to require")
+    info = auth.authorize(
+        connect(ctx), keys.load_ring(), _token(token), session_id=sid, scope=required
+    )
+    sys.stdout.write(
+        f"valid: session {info.session_id}, scopes {','.join(info.scopes)}, "
+        f"expires {iso(info.expires_at)}\n"
+    )
+
+
+@app.command("attenuate")
+def attenuate(
+    token: str = TOKEN,
+    scope: str | None = typer.Option(None, "--scope", help="Narrow to these scopes."),
+    ttl: str | None = typer.Option(None, "--ttl", help="Expire sooner: 90s, 15m, 24h, 7d."),
+) -> None:
+    """Add narrowing caveats (no root key needed); prints the new token alone."""
+    from towerctl import macaroons
+    from towerctl.errors import BadInput, Unauthorized
+    from towerctl.units import parse_duration
+
+    scopes = _scopes(scope) if scope else None
+    expires = datetime.now(UTC) + parse_duration(ttl) if ttl else None
+    if scopes is None and expires is None:
+        raise BadInput("give --scope and/or --ttl to narrow the token")
+    try:
+        narrowed = macaroons.attenuate(_token(token), scopes=scopes, expires_at=expires)
+    except macaroons.TokenRefused as refused:
+        raise Unauthorized(f"macaroon refused: {refused}") from None
+    except ValueError as error:
+        raise BadInput(str(error)) from None
+    sys.stdout.write(narrowed + "\n")
+
+
+@app.command("revoke")
+def revoke(ctx: typer.Context, token: str = TOKEN) -> None:
+    """Revoke a token, and every token attenuated from it, from now on."""
+    from towerctl import auth, keys
+
+    info = auth.revoke(connect(ctx), keys.load_ring(), _token(token))
+    note(f"revoked macaroon {info.identifier!r} (session {info.session_id})")

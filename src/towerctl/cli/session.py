@@ -1,7 +1,102 @@
-"""`towerctl session`."""
+"""`towerctl session`: open, show, list and top up sessions; requests and transcripts."""
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
-app = typer.Typer(help="session commands.", no_args_is_help=True)
+from towerctl.cli.state import connect, print_json
+
+app = typer.Typer(help="Sessions: balances, requests and transcripts.", no_args_is_help=True)
+
+JSON_OPTION = typer.Option(False, "--json", help="Print JSON.")
+
+
+def _show(session: object, as_json: bool, extra: dict[str, str] | None = None) -> None:
+    from towerctl.render import write_key_values
+    from towerctl.sessions import Session
+
+    assert isinstance(session, Session)
+    doc = session.as_json() | (extra or {})
+    if as_json:
+        print_json(doc)
+    else:
+        write_key_values(doc, sys.stdout)
+
+
+@app.command("open")
+def open_(
+    ctx: typer.Context,
+    deposit: int = typer.Option(..., "--deposit", help="Sats to deposit (1 to 100,000,000)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Open an active session holding DEPOSIT sats; print its id and a read,request macaroon."""
+    from datetime import UTC, datetime, timedelta
+
+    from towerctl import config, keys, macaroons, sessions
+    from towerctl.units import parse_sats
+
+    sats = parse_sats(deposit, "--deposit")
+    ring = keys.load_ring()
+    session = sessions.open_session(connect(ctx), sats)
+    token = macaroons.mint(
+        ring,
+        session.id,
+        macaroons.SCOPES,
+        datetime.now(UTC) + timedelta(hours=24),
+        location=config.macaroon_location(),
+    )
+    _show(session, as_json, {"macaroon": token})
+
+
+@app.command("show")
+def show(
+    ctx: typer.Context,
+    session_id: str = typer.Argument(..., metavar="ID"),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Show one session: state, balance, expiry."""
+    from towerctl import sessions
+    from towerctl.units import parse_session_id
+
+    _show(sessions.get_session(connect(ctx), parse_session_id(session_id)), as_json)
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    state: str | None = typer.Option(
+        None, "--state", help="awaiting_payment, active, paused or expired."
+    ),
+    limit: int = typer.Option(50, "--limit", help="At most this many (newest first)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """List sessions, newest first."""
+    from towerctl import sessions
+    from towerctl.render import iso
+
+    found = sessions.list_sessions(connect(ctx), state=state, limit=limit)
+    if as_json:
+        print_json({"sessions": [s.as_json() for s in found]})
+        return
+    for s in found:
+        sys.stdout.write(
+            f"{s.id}  {s.state:<16} {s.balance_sats:>12} sats  expires {iso(s.expires_at)}\n"
+        )
+
+
+@app.command("topup")
+def topup(
+    ctx: typer.Context,
+    session_id: str = typer.Argument(..., metavar="ID"),
+    sats: int = typer.Option(..., "--sats", help="Sats to add (1 to 100,000,000)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Add sats to a session; a paused session becomes active. Expired sessions take nothing."""
+    from towerctl import sessions
+    from towerctl.units import parse_sats, parse_session_id
+
+    sid = parse_session_id(session_id)
+    amount = parse_sats(sats, "--sats")
+    _show(sessions.top_up(connect(ctx), sid, amount), as_json)

@@ -52,3 +52,29 @@ def print_json(value: Any) -> None:
 def note(message: str) -> None:
     """A diagnostic line on stderr."""
     sys.stderr.write(message + "\n")
+
+
+def read_token(token: str | None, token_file: str | None = None) -> str | None:
+    """A macaroon from `--macaroon`, `--macaroon-file` (`-` = stdin) or TOWER_MACAROON.
+
+    A TOKEN argument of `-` also reads stdin, so tokens stay out of `ps` and shell history.
+    """
+    import os
+
+    from towerctl.errors import BadInput
+
+    if token == "-":
+        return sys.stdin.readline().strip()
+    if token:
+        return token
+    if token_file:
+        if token_file == "-":
+            return sys.stdin.readline().strip()
+        try:
+            with open(token_file, encoding="utf-8") as handle:
+                return handle.readline().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise BadInput(
+                f"cannot read --macaroon-file {token_file}: {type(error).__name__}"
+            ) from None
+    return os.environ.get("TOWER_MACAROON") or None

@@ -1,0 +1,116 @@
+"""The root key ring: the current key that mints, and older keys that still verify.
+
+Keys are hex on one line (at least 32 bytes). The current key comes from
+`TOWER_ROOT_KEY`, `TOWER_ROOT_KEY_FILE`, or `$TOWER_HOME/root.key` (created
+with mode 0600 on first need). Old keys, for a rotation, come from
+`TOWER_OLD_ROOT_KEYS` (comma-separated hex) and `TOWER_OLD_ROOT_KEYS_FILE`
+(default `$TOWER_HOME/old-root.keys`, one hex key per line). A key's id is
+derived from the key, so tokens name the key that signed them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from towerctl import config
+from towerctl.errors import BadInput
+
+MIN_KEY_BYTES = 32
+
+
+def key_id(key: bytes) -> str:
+    return hashlib.sha256(b"towerctl key id\x00" + key).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    current: bytes = field(repr=False)
+    old: tuple[bytes, ...] = field(default=(), repr=False)
+
+    @property
+    def current_id(self) -> str:
+        return key_id(self.current)
+
+    def find(self, kid: str) -> bytes | None:
+        for key in (self.current, *self.old):
+            if key_id(key) == kid:
+                return key
+        return None
+
+
+def parse_key(text: str, source: str) -> bytes:
+    """Decode a hex key; the message names the source, never the key."""
+    cleaned = text.strip()
+    try:
+        key = bytes.fromhex(cleaned)
+    except ValueError:
+        raise BadInput(f"the root key in {source} is not hex") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise BadInput(
+            f"the root key in {source} is {len(key)} bytes; at least {MIN_KEY_BYTES} are required"
+        )
+    return key
+
+
+def _read_private_file(path: Path, what: str) -> str:
+    try:
+        info = path.stat()
+    except OSError as error:
+        raise BadInput(f"cannot read {what} {path}: {error.strerror}") from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise BadInput(
+            f"{what} {path} is readable by group or others",
+            hint=f"chmod 600 {path}",
+        )
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise BadInput(f"cannot read {what} {path}: {type(error).__name__}") from None
+
+
+def _create_key_file(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return  # another process created it first; use theirs
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(MIN_KEY_BYTES) + "\n")
+
+
+def current_key() -> bytes:
+    explicit = os.environ.get("TOWER_ROOT_KEY")
+    if explicit:
+        return parse_key(explicit, "TOWER_ROOT_KEY")
+    file_name = os.environ.get("TOWER_ROOT_KEY_FILE")
+    if file_name:
+        path = Path(file_name)
+        return parse_key(_read_private_file(path, "root key file"), str(path))
+    path = config.home() / "root.key"
+    if not path.exists():
+        _create_key_file(path)
+    return parse_key(_read_private_file(path, "root key file"), str(path))
+
+
+def old_keys() -> tuple[bytes, ...]:
+    keys: list[bytes] = []
+    inline = os.environ.get("TOWER_OLD_ROOT_KEYS", "")
+    for n, part in enumerate(p for p in inline.split(",") if p.strip()):
+        keys.append(parse_key(part, f"TOWER_OLD_ROOT_KEYS (entry {n + 1})"))
+    file_name = os.environ.get("TOWER_OLD_ROOT_KEYS_FILE")
+    path = Path(file_name) if file_name else config.home() / "old-root.keys"
+    if file_name or path.exists():
+        text = _read_private_file(path, "old root keys file")
+        for n, line in enumerate(text.splitlines()):
+            if line.strip() and not line.lstrip().startswith("#"):
+                keys.append(parse_key(line, f"{path} (line {n + 1})"))
+    return tuple(keys)
+
+
+def load_ring() -> KeyRing:
+    return KeyRing(current=current_key(), old=old_keys())

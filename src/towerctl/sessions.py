@@ -1,0 +1,119 @@
+"""Sessions and their balance: open, show, list, top up, expire.
+
+Every change of balance is a row in `balance_ledger` written by the same
+statement that changes `sessions.balance_sats`. Expiry (24 h without activity)
+is applied lazily whenever sessions are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from towerctl.errors import BadInput, NotFound, NotServed
+
+if TYPE_CHECKING:
+    import psycopg
+
+STATES = ("awaiting_payment", "active", "paused", "expired")
+IDLE_LIFETIME = "24 hours"
+COLUMNS = "id, state, balance_sats, created_at, expires_at, last_activity_at"
+
+EXPIRE_ONE = """
+UPDATE sessions SET state = 'expired'
+WHERE id = %s AND state <> 'expired' AND expires_at <= now()"""
+EXPIRE_DUE = """
+UPDATE sessions SET state = 'expired'
+WHERE state <> 'expired' AND expires_at <= now()"""
+SELECT_ONE = f"SELECT {COLUMNS} FROM sessions WHERE id = %s"
+OPEN = f"""
+WITH s AS (
+    INSERT INTO sessions (state, balance_sats, expires_at)
+    VALUES ('active', %(sats)s, now() + interval '{IDLE_LIFETIME}')
+    RETURNING {COLUMNS}
+), deposit AS (
+    INSERT INTO balance_ledger (session_id, kind, amount_sats)
+    SELECT id, 'deposit', %(sats)s FROM s
+)
+SELECT {COLUMNS} FROM s"""
+TOP_UP = f"""
+WITH s AS (
+    UPDATE sessions
+    SET balance_sats = balance_sats + %(sats)s,
+        state = CASE WHEN state IN ('paused', 'awaiting_payment') THEN 'active' ELSE state END,
+        last_activity_at = now(),
+        expires_at = now() + interval '{IDLE_LIFETIME}'
+    WHERE id = %(id)s AND state <> 'expired' AND expires_at > now()
+    RETURNING {COLUMNS}
+), topup AS (
+    INSERT INTO balance_ledger (session_id, kind, amount_sats)
+    SELECT id, 'topup', %(sats)s FROM s
+)
+SELECT {COLUMNS} FROM s"""
+
+
+@dataclass(frozen=True)
+class Session:
+    id: UUID
+    state: str
+    balance_sats: int
+    created_at: datetime
+    expires_at: datetime
+    last_activity_at: datetime
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "sessionId": str(self.id),
+            "state": self.state,
+            "balanceSats": self.balance_sats,
+            "createdAt": self.created_at,
+            "expiresAt": self.expires_at,
+        }
+
+
+def _session(row: tuple[Any, ...]) -> Session:
+    return Session(*row)
+
+
+def open_session(conn: psycopg.Connection, deposit_sats: int) -> Session:
+    """A new `active` session holding `deposit_sats`, its deposit in the ledger."""
+    row = conn.execute(OPEN, {"sats": deposit_sats}).fetchone()
+    assert row is not None
+    return _session(row)
+
+
+def get_session(conn: psycopg.Connection, session_id: UUID) -> Session:
+    """The session (expired first if its time has come), or NotFound."""
+    conn.execute(EXPIRE_ONE, (session_id,))
+    row = conn.execute(SELECT_ONE, (session_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no session {session_id}")
+    return _session(row)
+
+
+def list_sessions(
+    conn: psycopg.Connection, *, state: str | None = None, limit: int = 50
+) -> list[Session]:
+    """Newest first."""
+    if state is not None and state not in STATES:
+        raise BadInput(f"--state must be one of {', '.join(STATES)}, got {state!r}")
+    if not 1 <= limit <= 10_000:
+        raise BadInput("--limit must be from 1 to 10000")
+    conn.execute(EXPIRE_DUE)
+    rows = conn.execute(
+        f"SELECT {COLUMNS} FROM sessions WHERE (%(state)s::text IS NULL OR state = %(state)s)"
+        " ORDER BY created_at DESC, id LIMIT %(limit)s",
+        {"state": state, "limit": limit},
+    ).fetchall()
+    return [_session(r) for r in rows]
+
+
+def top_up(conn: psycopg.Connection, session_id: UUID, sats: int) -> Session:
+    """Add `sats`; a paused session becomes active. An expired session takes nothing."""
+    row = conn.execute(TOP_UP, {"id": session_id, "sats": sats}).fetchone()
+    if row is not None:
+        return _session(row)
+    session = get_session(conn, session_id)  # NotFound, or applies the expiry
+    raise NotServed(f"session {session.id} is {session.state} and takes no top-up")
