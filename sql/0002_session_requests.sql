@@ -12,6 +12,7 @@ CREATE TABLE IF NOT EXISTS session_requests (
     output_tokens  integer     NOT NULL DEFAULT 0,
     cost_sats      bigint      NOT NULL DEFAULT 0,
     debited_sats   bigint      NOT NULL DEFAULT 0,
+    balance_after_sats bigint,
     created_at     timestamptz NOT NULL DEFAULT now(),
     completed_at   timestamptz,
     CONSTRAINT session_requests_pkey PRIMARY KEY (session_id, id),

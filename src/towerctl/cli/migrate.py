@@ -124,7 +124,13 @@ def status(
             if s.state != "applied":
                 counts[s.state] = counts.get(s.state, 0) + 1
         summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-        raise MigrationError(f"not up to date: {summary}", hint="run 'towerctl migrate'")
+        only_pending = set(counts) == {"pending"}
+        raise MigrationError(
+            f"not up to date: {summary}",
+            hint="run 'towerctl migrate'"
+            if only_pending
+            else "restore the applied files as they were; add changes as new migrations",
+        )
 
 
 @app.command("baseline")
