@@ -28,12 +28,12 @@ from towerctl.keys import KeyRing
 
 SCOPES = ("read", "request")
 DEFAULT_LOCATION = "timmy-tower"
-IDENTIFIER = re.compile(r"^towerctl1 key=([0-9a-f]{12}) nonce=([0-9a-f]{32})$")
+IDENTIFIER = re.compile(r"^towerctl1 key=([0-9a-f]{12}) nonce=([0-9a-f]{32})\Z")
 SESSION_CAVEAT = re.compile(
-    r"^session = ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$"
+    r"^session = ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\Z"
 )
-SCOPE_CAVEAT = re.compile(r"^scope = ((?:read|request)(?:,(?:read|request))*)$")
-EXPIRES_CAVEAT = re.compile(r"^expires = (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)$")
+SCOPE_CAVEAT = re.compile(r"^scope = ((?:read|request)(?:,(?:read|request))*)\Z")
+EXPIRES_CAVEAT = re.compile(r"^expires = (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\Z")
 
 
 class TokenRefused(Exception):
@@ -109,7 +109,9 @@ def _decode(token: str) -> object:
         raise
     except Exception:
         raise TokenRefused("malformed macaroon") from None
-    if again != raw:
+    # pymacaroons writes an empty location field where other libraries omit it.
+    without_location = raw[1:2] != b"\x01" and again == raw[:1] + b"\x01\x00" + raw[1:]
+    if again != raw and not without_location:
         raise TokenRefused("malformed macaroon (trailing or non-canonical data)")
     if not identifier.isprintable():
         raise TokenRefused("malformed macaroon (identifier is not printable text)")
