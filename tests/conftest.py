@@ -140,10 +140,11 @@ def cli(tower_env: dict[str, str]) -> CLI:
 class CLI:
     """Runs towerctl in-process as a user types it, capturing stdout and stderr."""
 
-    def __call__(self, *args: str, input: str | None = None) -> Result:
+    def __call__(self, *args: str, input: str | bytes | None = None) -> Result:
         out, err = io.StringIO(), io.StringIO()
         old_stdin = sys.stdin
-        sys.stdin = io.StringIO(input or "")
+        data = input.encode() if isinstance(input, str) else (input or b"")
+        sys.stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 code = run(list(args))
