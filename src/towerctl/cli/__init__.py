@@ -72,6 +72,16 @@ def _quiet_stdout() -> None:
         pass
 
 
+def _connection_lost(error: BaseException) -> bool:
+    """A psycopg error that means the server went away (not a bug in towerctl)."""
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is None:
+        return False
+    if isinstance(error, psycopg.OperationalError):
+        return True
+    return isinstance(error, psycopg.errors.AdminShutdown | psycopg.errors.CannotConnectNow)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; the one place errors become codes."""
     show_traceback = "--traceback" in (argv if argv is not None else sys.argv[1:])
@@ -95,6 +105,10 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except Exception as error:
+        if _connection_lost(error):
+            from towerctl.db import first_line
+
+            return _fail(f"lost the database connection: {first_line(error)}", ExitCode.UNREACHABLE)
         if show_traceback:
             import traceback
 

@@ -29,3 +29,83 @@ class StdoutGuard:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+class BinaryGuard:
+    """The binary side of stdout, with the same quiet ending on a broken pipe."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        try:
+            return self._stream.write(data)
+        except BrokenPipeError:
+            raise StdoutClosed() from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise StdoutClosed() from None
+
+
+class TextSink:
+    """Bytes written to a text stream (stdout captured as text, e.g. in tests)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        return self._stream.write(bytes(data).decode("utf-8"))
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+def binary_stdout() -> BinaryGuard | TextSink:
+    import sys
+
+    stream = sys.stdout
+    raw = getattr(stream, "_stream", stream)  # unwrap StdoutGuard
+    buffer = getattr(raw, "buffer", None)
+    if buffer is not None:
+        stream.flush()
+        return BinaryGuard(buffer)
+    return TextSink(stream)
+
+
+class atomic_file:
+    """Write to a temporary file beside `path`; rename over `path` only on success.
+
+    A failed or interrupted export never leaves a half file under the final name.
+    The file is created 0600: transcripts are private.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> IO[bytes]:
+        import os
+        import tempfile
+
+        folder = os.path.dirname(os.path.abspath(self.path))
+        fd, self.temp = tempfile.mkstemp(
+            prefix=f".{os.path.basename(self.path)}.", suffix=".part", dir=folder
+        )
+        self.handle = os.fdopen(fd, "wb")
+        return self.handle
+
+    def __exit__(self, kind: object, error: object, trace: object) -> None:
+        import os
+
+        try:
+            if kind is None:
+                self.handle.flush()
+                os.fsync(self.handle.fileno())
+            self.handle.close()
+            if kind is None:
+                os.replace(self.temp, self.path)
+        finally:
+            if os.path.exists(self.temp):
+                os.unlink(self.temp)

@@ -1,0 +1,162 @@
+"""A session's message history: pages by message id, streamed from the server.
+
+Machine formats (json, ndjson, csv) are produced by PostgreSQL itself through
+`COPY (SELECT …) TO STDOUT`, so a million-message export streams at close to
+COPY's own speed in constant memory. The people formats (table, markdown) read
+rows through a server-side (named) cursor in chunks and are rendered here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from towerctl.errors import BadInput, NotFound
+
+if TYPE_CHECKING:
+    import psycopg
+
+CHUNK_ROWS = 2_000
+ROLES = ("user", "assistant")
+ISO_UTC = """to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
+MESSAGE_JSON = (
+    """'{"id":' || id || ',"role":' || to_json(role)::text"""
+    """ || ',"content":' || to_json(content)::text"""
+    """ || ',"sessionRequestId":' || session_request_id"""
+    """ || ',"createdAt":"' || """ + ISO_UTC + """ || '"}'"""
+)
+FILTER = """
+FROM session_messages
+WHERE session_id = %(sid)s
+  AND (%(after)s::bigint IS NULL OR id > %(after)s)
+  AND (%(before)s::bigint IS NULL OR id < %(before)s)
+  AND (%(role)s::text IS NULL OR role = %(role)s)"""
+PAGE = "ORDER BY id LIMIT %(limit)s"
+PAGE_PROBE = f"SELECT ARRAY(SELECT id {FILTER} ORDER BY id LIMIT 2 OFFSET %(offset)s)"
+COUNT = f"SELECT count(*) FROM (SELECT 1 {FILTER} ORDER BY id LIMIT %(limit)s) t"
+CURSOR_EXISTS = "SELECT 1 FROM session_messages WHERE session_id = %s AND id = %s"
+
+
+class Format(StrEnum):
+    table = "table"
+    json = "json"
+    ndjson = "ndjson"
+    csv = "csv"
+    markdown = "markdown"
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    role: str
+    content: str
+    session_request_id: int
+    created_at: datetime
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "role": self.role,
+            "content": self.content,
+            "sessionRequestId": self.session_request_id,
+            "createdAt": self.created_at,
+        }
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which messages of a session: `after < id < before`, optionally one role, at most `limit`."""
+
+    session_id: UUID
+    after: int | None = None
+    before: int | None = None
+    role: str | None = None
+    limit: int | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "sid": self.session_id,
+            "after": self.after,
+            "before": self.before,
+            "role": self.role,
+            "limit": self.limit,  # NULL = no limit
+        }
+
+
+def check_selection(conn: psycopg.Connection, selection: Selection) -> None:
+    """Refuse bad paging input (exit 2) and unknown cursors (exit 4)."""
+    if selection.role is not None and selection.role not in ROLES:
+        raise BadInput(f"--role must be user or assistant, got {selection.role!r}")
+    if selection.limit is not None and not 1 <= selection.limit <= 10_000_000:
+        raise BadInput("--limit must be from 1 to 10,000,000")
+    for flag, cursor in (("--after", selection.after), ("--before", selection.before)):
+        if cursor is None:
+            continue
+        if cursor < 1:
+            raise BadInput(f"{flag} must be a message id (a positive whole number)")
+        if conn.execute(CURSOR_EXISTS, (selection.session_id, cursor)).fetchone() is None:
+            raise NotFound(f"{flag} {cursor}: no such message in this session")
+
+
+def next_cursor(conn: psycopg.Connection, selection: Selection) -> int | None:
+    """The last id of this page when more messages follow it; None at the end."""
+    if selection.limit is None:
+        return None
+    row = conn.execute(PAGE_PROBE, selection.params() | {"offset": selection.limit - 1}).fetchone()
+    ids = row[0] if row else []
+    return int(ids[0]) if len(ids) == 2 else None
+
+
+def count(conn: psycopg.Connection, selection: Selection) -> int:
+    row = conn.execute(COUNT, selection.params()).fetchone()
+    return int(row[0]) if row else 0
+
+
+def iter_messages(conn: psycopg.Connection, selection: Selection) -> Iterator[Message]:
+    """Messages in id order through a named cursor, `CHUNK_ROWS` at a time."""
+    with conn.transaction(), conn.cursor(name="transcript") as cur:
+        cur.itersize = CHUNK_ROWS
+        cur.execute(
+            f"SELECT id, role, content, session_request_id, created_at {FILTER} {PAGE}",
+            selection.params(),
+        )
+        for row in cur:
+            yield Message(*row)
+
+
+def copy_rows(conn: psycopg.Connection, selection: Selection, fmt: Format) -> Iterator[bytes]:
+    """Rows rendered by PostgreSQL: one JSON object per line (json, ndjson) or CSV with a header."""
+    from psycopg import sql
+
+    params = {k: sql.Literal(v) for k, v in selection.params().items()}
+    where = sql.SQL(FILTER.replace("%(", "{").replace(")s", "}")).format(**params)
+    page = sql.SQL("ORDER BY id LIMIT {limit}").format(limit=params["limit"])
+    if fmt is Format.csv:
+        columns = (
+            'id, role, content, session_request_id AS "sessionRequestId", '
+            + ISO_UTC
+            + ' AS "createdAt"'
+        )
+        options = "FORMAT csv, HEADER"
+    else:
+        # CSV mode with a quote and delimiter that JSON text never contains: lines verbatim.
+        columns = MESSAGE_JSON
+        options = "FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02'"
+    query = sql.Composed(
+        [
+            sql.SQL("COPY (SELECT "),
+            sql.SQL(columns),
+            sql.SQL(" "),
+            where,
+            sql.SQL(" "),
+            page,
+            sql.SQL(f") TO STDOUT WITH ({options})"),
+        ]
+    )
+    with conn.cursor() as cur, cur.copy(query) as copy:
+        for block in copy:
+            yield bytes(block)
