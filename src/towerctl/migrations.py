@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from towerctl.errors import BadInput, MigrationError
-from towerctl.sqlsplit import Statement, UnterminatedSQL, split_statements
 
 if TYPE_CHECKING:
     import psycopg
+
+    from towerctl.sqlsplit import Statement
 
 FILE_NAME = re.compile(r"^(\d+)_([A-Za-z0-9][A-Za-z0-9_.\-]*)\.sql$")
 NO_TRANSACTION_MARK = "-- towerctl:no-transaction"
@@ -267,6 +268,8 @@ def migration_lock(conn: psycopg.Connection, timeout_seconds: float) -> Iterator
 
 
 def _statements(migration: Migration) -> list[Statement]:
+    from towerctl.sqlsplit import UnterminatedSQL, split_statements
+
     try:
         return split_statements(migration.sql)
     except UnterminatedSQL as error:
@@ -290,6 +293,8 @@ def _failure(migration: Migration, statement: Statement, error: Exception) -> Mi
 def apply_one(conn: psycopg.Connection, migration: Migration) -> float:
     """Apply one file and record it; returns its execution time in milliseconds."""
     import psycopg
+
+    from towerctl.sqlsplit import Statement
 
     statements = _statements(migration)
     started = time.perf_counter()
