@@ -13,7 +13,7 @@ from towerctl.cli import doctor as doctor_cli
 from towerctl.cli import macaroon as macaroon_cli
 from towerctl.cli import migrate as migrate_cli
 from towerctl.cli import session as session_cli
-from towerctl.cli.output import StdoutClosed, StdoutGuard
+from towerctl.cli.output import PipeGuard, StdoutClosed
 from towerctl.cli.state import State
 from towerctl.errors import ExitCode, TowerError
 
@@ -86,7 +86,7 @@ def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; the one place errors become codes."""
     show_traceback = "--traceback" in (argv if argv is not None else sys.argv[1:])
     real_stdout = sys.stdout
-    sys.stdout = StdoutGuard(real_stdout)
+    sys.stdout = PipeGuard(real_stdout)
     try:
         result = app(args=argv, prog_name="towerctl", standalone_mode=False)
     except TowerError as error:

@@ -9,15 +9,16 @@ class StdoutClosed(Exception):
     """The reader of stdout closed the pipe. Not an OSError, so no layer mistakes it for one."""
 
 
-class StdoutGuard:
-    """A thin proxy over sys.stdout that turns a broken pipe into `StdoutClosed`."""
+class PipeGuard:
+    """A thin proxy over stdout (text or its binary buffer) that turns a broken pipe
+    into `StdoutClosed`."""
 
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[Any]) -> None:
         self._stream = stream
 
-    def write(self, text: str) -> int:
+    def write(self, data: Any) -> int:
         try:
-            return self._stream.write(text)
+            return int(self._stream.write(data))
         except BrokenPipeError:
             raise StdoutClosed() from None
 
@@ -29,25 +30,6 @@ class StdoutGuard:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
-
-
-class BinaryGuard:
-    """The binary side of stdout, with the same quiet ending on a broken pipe."""
-
-    def __init__(self, stream: IO[bytes]) -> None:
-        self._stream = stream
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        try:
-            return self._stream.write(data)
-        except BrokenPipeError:
-            raise StdoutClosed() from None
-
-    def flush(self) -> None:
-        try:
-            self._stream.flush()
-        except BrokenPipeError:
-            raise StdoutClosed() from None
 
 
 class TextSink:
@@ -63,15 +45,15 @@ class TextSink:
         self._stream.flush()
 
 
-def binary_stdout() -> BinaryGuard | TextSink:
+def binary_stdout() -> PipeGuard | TextSink:
     import sys
 
     stream = sys.stdout
-    raw = getattr(stream, "_stream", stream)  # unwrap StdoutGuard
+    raw = getattr(stream, "_stream", stream)  # unwrap the text guard
     buffer = getattr(raw, "buffer", None)
     if buffer is not None:
         stream.flush()
-        return BinaryGuard(buffer)
+        return PipeGuard(buffer)
     return TextSink(stream)
 
 
