@@ -88,3 +88,32 @@ def test_topups_racing_requests_keep_the_ledger_exact(
         row = c.execute("SELECT balance_sats FROM sessions WHERE id = %s", (s.id,)).fetchone()
     assert row == (40 + 4 * 25 - debited,)
     assert_store_consistent(db_url)
+
+
+def test_two_clear_histories_and_a_request_at_once(
+    cli: CLI, db_url: str, tower_env: dict[str, str]
+) -> None:
+    s = open_session(cli, 10_000)
+    for n in range(5):
+        assert (
+            cli("session", "request", s.id, f"before {n}", "--macaroon", s.macaroon).exit_code == 0
+        )
+    lines = "".join(json.dumps({"message": f"during {n}"}) + "\n" for n in range(5))
+    procs = [
+        spawn(["session", "request", s.id, "--batch", "--macaroon", s.macaroon], tower_env, lines),
+        spawn(["session", "clear-history", s.id, "--yes", "--macaroon", s.macaroon], tower_env, ""),
+        spawn(["session", "clear-history", s.id, "--yes", "--macaroon", s.macaroon], tower_env, ""),
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    with psycopg.connect(db_url) as c:
+        clears = c.execute("SELECT count(*) FROM session_history_clears").fetchone()
+        requests = c.execute("SELECT count(*) FROM session_requests").fetchone()
+        half = c.execute(
+            "SELECT session_request_id FROM session_messages GROUP BY 1 HAVING count(*) <> 2"
+        ).fetchall()
+    assert clears == (2,)
+    assert requests == (10,)
+    assert half == [], "a clear never splits a request's user and assistant messages"
+    assert_store_consistent(db_url)
