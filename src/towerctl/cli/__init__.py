@@ -12,7 +12,9 @@ from towerctl.cli import db as db_cli
 from towerctl.cli import doctor as doctor_cli
 from towerctl.cli import macaroon as macaroon_cli
 from towerctl.cli import migrate as migrate_cli
+from towerctl.cli import request as _request_cli  # noqa: F401 - registers `session request`
 from towerctl.cli import session as session_cli
+from towerctl.cli import transcript as _transcript_cli  # noqa: F401 - `session messages` etc.
 from towerctl.cli.output import PipeGuard, StdoutClosed
 from towerctl.cli.state import State
 from towerctl.errors import ExitCode, TowerError
