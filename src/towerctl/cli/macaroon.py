@@ -105,11 +105,14 @@ def verify(
     from towerctl.units import parse_session_id
 
     sid = str(parse_session_id(session)) if session else None
-    required = _scopes(scope)[0] if scope else None
-    if scope and len(_scopes(scope)) != 1:
-        from towerctl.errors import BadInput
+    required = None
+    if scope is not None:
+        wanted = _scopes(scope)
+        if len(wanted) != 1:
+            from towerctl.errors import BadInput
 
-        raise BadInput("--scope takes one scope to require")
+            raise BadInput("--scope takes one scope to require: read or request")
+        required = wanted[0]
     info = auth.authorize(
         connect(ctx), keys.load_ring(), _token(token), session_id=sid, scope=required
     )
