@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+import click
 import typer
 
 from towerctl import __version__
@@ -93,11 +94,11 @@ def run(argv: list[str] | None = None) -> int:
         result = app(args=argv, prog_name="towerctl", standalone_mode=False)
     except TowerError as error:
         return _fail(str(error), int(error.exit_code))
-    except typer.Exit as done:
+    except click.exceptions.Exit as done:
         return int(done.exit_code)
-    except typer.Abort:
+    except click.exceptions.Abort:
         return _fail("aborted", 130)
-    except typer.TyperException as error:  # usage errors from the parser
+    except click.ClickException as error:  # usage errors from the parser
         ctx = getattr(error, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         return _fail(f"{error.format_message()}{hint}", ExitCode.BAD_INPUT)

@@ -27,11 +27,13 @@ def state(ctx: typer.Context) -> State:
 
 def resolve_url(ctx: typer.Context) -> str:
     """The configured database URL, or the embedded server's (started if needed)."""
-    from towerctl import config, embedded
+    from towerctl import config
 
     url = config.database_url(state(ctx).database_url)
     if url:
         return url
+    from towerctl import embedded
+
     return embedded.ensure_running(config.home()).url
 
 
