@@ -1,0 +1,69 @@
+"""The embedded default: no database configured, towerctl runs its own PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from conftest import CLI
+from towerctl import embedded
+from towerctl.errors import ExitCode
+
+
+@pytest.fixture
+def home(cli: CLI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.delenv("TOWER_DATABASE_URL")
+    monkeypatch.delenv("TOWER_ROOT_KEY")
+    folder = tmp_path / "tower-home"
+    monkeypatch.setenv("TOWER_HOME", str(folder))
+    yield folder
+    embedded.stop(folder)
+
+
+def test_embedded_lifecycle(cli: CLI, home: Path) -> None:
+    status = json.loads(cli("db", "status", "--json").stdout)
+    assert status["running"] is False and status["initialized"] is False
+    first = cli("migrate")
+    assert first.exit_code == ExitCode.OK, first.stderr
+    assert "applied 0008_session_messages.sql" in first.stderr
+    assert (home / "pgdata" / "PG_VERSION").exists()
+    status = json.loads(cli("db", "status", "--json").stdout)
+    assert status["running"] is True and status["pid"] > 0
+    url = cli("db", "url").stdout.strip()
+    assert url == status["url"]
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM tower_schema_migrations").fetchone()
+    assert row == (8,)
+    opened = cli("session", "open", "--deposit", "100", "--json")
+    assert opened.exit_code == ExitCode.OK
+    key = home / "root.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    stopped = cli("db", "stop")
+    assert stopped.exit_code == ExitCode.OK and "stopped" in stopped.stderr
+    assert json.loads(cli("db", "status", "--json").stdout)["running"] is False
+    assert "not running" in cli("db", "stop").stderr
+    # The next command starts it again, with the data kept.
+    listed = cli("session", "list", "--json")
+    assert listed.exit_code == ExitCode.OK
+    sid = json.loads(opened.stdout)["sessionId"]
+    assert [s["sessionId"] for s in json.loads(listed.stdout)["sessions"]] == [sid]
+    assert "up to date" in cli("migrate").stderr
+
+
+def test_stale_pid_file_is_not_trusted(cli: CLI, home: Path) -> None:
+    assert cli("migrate").exit_code == ExitCode.OK
+    info = embedded.read_running(home / "pgdata")
+    assert info is not None
+    assert cli("db", "stop").exit_code == ExitCode.OK
+    # A leftover postmaster.pid naming a dead process must not be mistaken for a server.
+    pid_file = home / "pgdata" / "postmaster.pid"
+    lines = [str(2**22 + 12345), str(home / "pgdata"), "0", str(info.port), str(info.socket_dir)]
+    pid_file.write_text("\n".join(lines + ["", "", "ready", ""]))
+    os.chmod(pid_file, 0o600)
+    assert embedded.read_running(home / "pgdata") is None
