@@ -26,8 +26,8 @@ from uuid import UUID
 
 from towerctl.agents import Agent, AgentReply, ChatMessage
 from towerctl.config import Pricing, RequestLimits
-from towerctl.errors import BadInput, NotServed
-from towerctl.sessions import IDLE_LIFETIME, get_session
+from towerctl.errors import BadInput, NotFound, NotServed
+from towerctl.sessions import IDLE_LIFETIME
 
 if TYPE_CHECKING:
     import psycopg
@@ -37,9 +37,20 @@ LOCK_NAMESPACE = (
 )
 MAX_IDEMPOTENCY_KEY = 200
 
+TRY_LOCK_SESSION = "SELECT pg_try_advisory_lock(%s, hashtext(%s::text))"
 LOCK_SESSION = "SELECT pg_advisory_lock(%s, hashtext(%s::text))"
 UNLOCK_SESSION = "SELECT pg_advisory_unlock(%s, hashtext(%s::text))"
-READ_SESSION = "SELECT state, balance_sats, expires_at <= now() FROM sessions WHERE id = %s"
+# The session's state and balance, applying a due expiry on the way (one round trip).
+READ_SESSION = """
+WITH expired AS (
+    UPDATE sessions SET state = 'expired'
+    WHERE id = %(sid)s AND state <> 'expired' AND expires_at <= now()
+    RETURNING state, balance_sats
+)
+SELECT state, balance_sats FROM expired
+UNION ALL
+SELECT state, balance_sats FROM sessions
+WHERE id = %(sid)s AND NOT EXISTS (SELECT 1 FROM expired)"""
 READ_HISTORY = """
 SELECT role, content, token_count FROM session_messages
 WHERE session_id = %s ORDER BY id DESC LIMIT %s"""
@@ -177,8 +188,8 @@ def validate_idempotency_key(key: str | None) -> str | None:
     return key
 
 
-def _replay(conn: psycopg.Connection, session_id: UUID, key: str) -> RequestOutcome | None:
-    row = conn.execute(FIND_BY_KEY, (session_id, key)).fetchone()
+def _replay(session_id: UUID, row: tuple[Any, ...] | None) -> RequestOutcome | None:
+    """The first outcome of an idempotency key, from its FIND_BY_KEY row."""
     if row is None:
         return None
     rid, state, reason, error, debited, balance_after, tin, tout, reply = row
@@ -206,9 +217,13 @@ class SessionLock:
     def __enter__(self) -> SessionLock:
         import psycopg
 
+        key = (LOCK_NAMESPACE, str(self.session_id))
+        row = self.conn.execute(TRY_LOCK_SESSION, key).fetchone()
+        if row and row[0]:
+            return self  # the usual case: nobody else is in flight, one round trip
         self.conn.execute(f"SET lock_timeout = '{max(int(self.wait_seconds * 1000), 1)}ms'")
         try:
-            self.conn.execute(LOCK_SESSION, (LOCK_NAMESPACE, str(self.session_id)))
+            self.conn.execute(LOCK_SESSION, key)
         except psycopg.errors.LockNotAvailable:
             raise NotServed(
                 f"session {self.session_id} is busy with another request",
@@ -289,22 +304,23 @@ def run_request(
     limits = limits or RequestLimits()
     validate_message(message, limits)
     key = validate_idempotency_key(idempotency_key)
-    if key is not None and (earlier := _replay(conn, session_id, key)):
-        return earlier
-    session = get_session(conn, session_id)
-    if session.state in ("expired", "awaiting_payment"):
-        raise NotServed(f"session {session_id} is {session.state.replace('_', ' ')}")
     with SessionLock(conn, session_id, limits.busy_wait_seconds):
-        if key is not None and (earlier := _replay(conn, session_id, key)):
+        with conn.pipeline():  # the replay check, the session and its history: one round trip
+            replay = conn.execute(FIND_BY_KEY, (session_id, key or "")) if key else None
+            current = conn.execute(READ_SESSION, {"sid": session_id})
+            recent = conn.execute(READ_HISTORY, (session_id, limits.context_messages))
+        earlier = _replay(session_id, replay.fetchone()) if replay is not None else None
+        if earlier is not None:
             return earlier
-        row = conn.execute(READ_SESSION, (session_id,)).fetchone()
-        assert row is not None  # sessions are never deleted
-        state, balance, expired = row
-        if expired or state == "expired":
-            raise NotServed(f"session {session_id} is expired")
+        row = current.fetchone()
+        if row is None:
+            raise NotFound(f"no session {session_id}")
+        state, balance = row
+        if state in ("expired", "awaiting_payment"):
+            raise NotServed(f"session {session_id} is {state.replace('_', ' ')}")
         if state == "paused":
             raise NotServed(f"session {session_id} is paused", hint="top it up to resume")
-        history = conn.execute(READ_HISTORY, (session_id, limits.context_messages)).fetchall()
+        history = recent.fetchall()
         context = context_window(history, limits)
         conversation = [*context, ChatMessage("user", message)]
         input_tokens = sum(tokens(m.content) for m in conversation)
