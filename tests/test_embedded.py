@@ -64,6 +64,6 @@ def test_stale_pid_file_is_not_trusted(cli: CLI, home: Path) -> None:
     # A leftover postmaster.pid naming a dead process must not be mistaken for a server.
     pid_file = home / "pgdata" / "postmaster.pid"
     lines = [str(2**22 + 12345), str(home / "pgdata"), "0", str(info.port), str(info.socket_dir)]
-    pid_file.write_text("\n".join(lines + ["", "", "ready", ""]))
+    pid_file.write_text("\n".join([*lines, "", "", "ready", ""]))
     os.chmod(pid_file, 0o600)
     assert embedded.read_running(home / "pgdata") is None

@@ -284,3 +284,53 @@ def test_dir_with_odd_files(cli: CLI, empty_db_url: str, tmp_path: Path) -> None
 @pytest.mark.parametrize("args", [["--to", "x"], ["--lock-timeout", "soon"], ["--nope"]])
 def test_bad_flags_exit_2(cli: CLI, args: list[str]) -> None:
     assert cli("migrate", *args).exit_code == ExitCode.BAD_INPUT
+
+
+def test_lost_connection_mid_file_exits_8(cli: CLI, empty_db_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "sql"
+    write(folder, "0001_slow.sql", "CREATE TABLE a (id int);\nSELECT pg_sleep(5);\n")
+
+    def terminate() -> None:
+        with psycopg.connect(empty_db_url, autocommit=True) as c:
+            for _ in range(100):
+                killed = c.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    " AND query LIKE '%pg_sleep%'"
+                ).fetchall()
+                if killed:
+                    return
+                threading.Event().wait(0.05)
+
+    killer = threading.Thread(target=terminate)
+    killer.start()
+    result = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
+    killer.join()
+    assert result.exit_code == ExitCode.UNREACHABLE, result.stderr
+    assert "lost the database connection" in result.stderr
+    assert "a" not in tables(empty_db_url)
+
+
+def test_invalid_index_from_an_interrupted_concurrent_build_is_reported(
+    cli: CLI, empty_db_url: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "sql"
+    write(folder, "0001_t.sql", "CREATE TABLE t (id int);\nINSERT INTO t VALUES (1), (1);\n")
+    write(
+        folder,
+        "0002_idx.sql",
+        "-- towerctl:no-transaction\n"
+        "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS t_u ON t (id);\n",
+    )
+    failed = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
+    assert failed.exit_code == ExitCode.MIGRATION  # duplicate key: the build fails, index invalid
+    with psycopg.connect(empty_db_url, autocommit=True) as c:
+        c.execute("DELETE FROM t WHERE ctid = (SELECT max(ctid) FROM t)")
+    again = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
+    assert again.exit_code == ExitCode.MIGRATION
+    assert "invalid index t_u" in again.stderr and "DROP INDEX CONCURRENTLY t_u" in again.stderr
+    assert ledger_versions(empty_db_url) == [1]
+    with psycopg.connect(empty_db_url, autocommit=True) as c:
+        c.execute("DROP INDEX CONCURRENTLY t_u")
+    assert cli("--database-url", empty_db_url, "migrate", "--dir", str(folder)).exit_code == 0
+    assert ledger_versions(empty_db_url) == [1, 2]

@@ -105,7 +105,7 @@ def test_two_clear_histories_and_a_request_at_once(
         spawn(["session", "clear-history", s.id, "--yes", "--macaroon", s.macaroon], tower_env, ""),
     ]
     for proc in procs:
-        out, err = proc.communicate(timeout=120)
+        _out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
     with psycopg.connect(db_url) as c:
         clears = c.execute("SELECT count(*) FROM session_history_clears").fetchone()

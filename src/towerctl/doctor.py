@@ -86,6 +86,15 @@ CHECKS: tuple[tuple[str, str, str], ...] = (
         "SELECT session_id::text, id FROM session_requests WHERE completed_at IS NULL",
     ),
     (
+        "indexes_valid",
+        "no index is left invalid by an interrupted CREATE INDEX CONCURRENTLY",
+        """
+        SELECT i.indexrelid::regclass::text FROM pg_index i
+        JOIN pg_class c ON c.oid = i.indexrelid
+        WHERE NOT i.indisvalid AND c.relnamespace = current_schema()::regnamespace
+        """,
+    ),
+    (
         "message_roles_per_request",
         "no request has more than one user or one assistant message",
         """
@@ -110,6 +119,8 @@ def _run_check(conn: psycopg.Connection, name: str, summary: str, sql: str) -> C
     try:
         rows = conn.execute(sql).fetchall()
     except psycopg.Error as error:
+        if conn.broken or conn.closed:
+            raise  # the server went away: exit 8, not an inconsistency
         from towerctl.db import first_line
 
         return Check(name, False, f"could not run: {first_line(error)}")

@@ -39,6 +39,10 @@ CREATE TABLE IF NOT EXISTS {LEDGER_TABLE} (
     execution_ms double precision NOT NULL DEFAULT 0,
     baseline     boolean NOT NULL DEFAULT false
 )"""
+INVALID_INDEXES = """
+SELECT i.indexrelid::regclass FROM pg_index i
+JOIN pg_class c ON c.oid = i.indexrelid
+WHERE NOT i.indisvalid AND c.relnamespace = current_schema()::regnamespace"""
 READ_LEDGER = f"""
 SELECT version, name, checksum, applied_at, execution_ms
 FROM {LEDGER_TABLE} ORDER BY version"""
@@ -276,8 +280,15 @@ def _statements(migration: Migration) -> list[Statement]:
         raise MigrationError(f"{migration.filename}, line {error.line}: {error}") from None
 
 
-def _failure(migration: Migration, statement: Statement, error: Exception) -> MigrationError:
+def _failure(
+    conn: psycopg.Connection, migration: Migration, statement: Statement, error: Exception
+) -> Exception:
+    """The error to raise for a failed statement: the connection's own loss passes through
+    (exit 8); anything else names the file and the line (exit 7)."""
     from towerctl.db import first_line
+
+    if conn.broken or conn.closed:
+        return error
 
     diag = getattr(error, "diag", None)
     position = getattr(diag, "statement_position", None)
@@ -310,13 +321,21 @@ def apply_one(conn: psycopg.Connection, migration: Migration) -> float:
                     (migration.version, migration.name, migration.checksum, elapsed, False),
                 )
         except psycopg.Error as error:
-            raise _failure(migration, current, error) from None
+            raise _failure(conn, migration, current, error) from None
         return elapsed
     for current in statements:
         try:
             conn.execute(current.text)
         except psycopg.Error as error:
-            raise _failure(migration, current, error) from None
+            raise _failure(conn, migration, current, error) from None
+    invalid = conn.execute(INVALID_INDEXES).fetchall()
+    if invalid:
+        names = ", ".join(str(row[0]) for row in invalid)
+        raise MigrationError(
+            f"{migration.filename}: invalid index {names} (left by an interrupted "
+            "CREATE INDEX CONCURRENTLY); not recorded",
+            hint=f"DROP INDEX CONCURRENTLY {invalid[0][0]}; then run towerctl migrate again",
+        )
     elapsed = (time.perf_counter() - started) * 1000
     conn.execute(
         INSERT_LEDGER, (migration.version, migration.name, migration.checksum, elapsed, False)

