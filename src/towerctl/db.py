@@ -38,7 +38,13 @@ def first_line(error: BaseException) -> str:
 
 def connect(url: str, *, application_name: str = "towerctl") -> psycopg.Connection:
     """Open an autocommit connection, or raise `DatabaseUnreachable` (exit 8)."""
+    import logging
+
     import psycopg
+
+    # psycopg logs some errors it ignores (e.g. ending a pipeline on a lost connection);
+    # the error that matters reaches the user as one line, so keep its log off stderr.
+    logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
     try:
         conn = psycopg.connect(
