@@ -22,6 +22,7 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 from towerctl.keys import KeyRing
@@ -80,7 +81,7 @@ def _known(caveat: str) -> bool:
 # --- decoding ----------------------------------------------------------------
 
 
-def _decode(token: str) -> object:
+def _decode(token: str) -> Any:
     """A pymacaroons Macaroon from canonical v2 base64url, or TokenRefused."""
     from pymacaroons import Macaroon
     from pymacaroons.macaroon import MACAROON_V2
@@ -118,21 +119,18 @@ def _decode(token: str) -> object:
     return macaroon
 
 
-def _serialize(macaroon: object) -> str:
+def _serialize(macaroon: Any) -> str:
     from pymacaroons.serializers import BinarySerializer
 
-    text: str = macaroon.serialize(BinarySerializer())  # type: ignore[attr-defined]
+    text: str = macaroon.serialize(BinarySerializer())
     return text.rstrip("=")
 
 
 def inspect(token: str) -> TokenInfo:
     """What a token says about itself; needs no key and shows no signature."""
     macaroon = _decode(token)
-    identifier: str = macaroon.identifier_bytes.decode()  # type: ignore[attr-defined]
-    caveats = tuple(
-        c.caveat_id_bytes.decode()
-        for c in macaroon.caveats  # type: ignore[attr-defined]
-    )
+    identifier: str = macaroon.identifier_bytes.decode()
+    caveats = tuple(c.caveat_id_bytes.decode() for c in macaroon.caveats)
     match = IDENTIFIER.match(identifier)
     sessions = {m.group(1) for c in caveats if (m := SESSION_CAVEAT.match(c))}
     scope_sets = [set(m.group(1).split(",")) for c in caveats if (m := SCOPE_CAVEAT.match(c))]
@@ -142,7 +140,7 @@ def inspect(token: str) -> TokenInfo:
     expiries = [
         t for c in caveats if (m := EXPIRES_CAVEAT.match(c)) and (t := _parse_time(m.group(1)))
     ]
-    location = macaroon.location  # type: ignore[attr-defined]
+    location = macaroon.location
     return TokenInfo(
         location=location if isinstance(location, str) else "",
         identifier=identifier,
@@ -188,11 +186,11 @@ def attenuate(
         wanted = normalise_scopes(scopes)
         if info.scopes and not set(wanted) <= set(info.scopes):
             raise ValueError(f"cannot widen scopes {','.join(info.scopes)} to {','.join(wanted)}")
-        macaroon.add_first_party_caveat(f"scope = {','.join(wanted)}")  # type: ignore[attr-defined]
+        macaroon.add_first_party_caveat(f"scope = {','.join(wanted)}")
     if expires_at is not None:
         if info.expires_at is not None and expires_at > info.expires_at:
             raise ValueError("cannot extend the expiry; the token already expires earlier")
-        macaroon.add_first_party_caveat(f"expires = {_format_time(expires_at)}")  # type: ignore[attr-defined]
+        macaroon.add_first_party_caveat(f"expires = {_format_time(expires_at)}")
     return _serialize(macaroon)
 
 
