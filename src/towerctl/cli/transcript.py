@@ -93,7 +93,12 @@ def _export(
     from towerctl.cli.output import binary_stdout
 
     out: Any = handle if handle is not None else binary_stdout()
-    show_progress = handle is not None and sys.stderr.isatty()
+    show_progress = (
+        handle is not None
+        and sys.stderr.isatty()
+        and sys.stdout.isatty()
+        and not os.environ.get("NO_COLOR")
+    )
     total = transcripts.count(conn, selection) if show_progress else 0
     show_progress = show_progress and total >= 50_000
     cursor = transcripts.next_cursor(conn, selection)
