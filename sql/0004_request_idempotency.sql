@@ -4,6 +4,11 @@
 ALTER TABLE session_requests
     ADD COLUMN IF NOT EXISTS idempotency_key text;
 
+-- SHA-256 of the message, so a key reused for a different message is refused
+-- instead of silently returning the first outcome.
+ALTER TABLE session_requests
+    ADD COLUMN IF NOT EXISTS message_sha256 text;
+
 ALTER TABLE session_requests
     DROP CONSTRAINT IF EXISTS session_requests_idempotency_key_length;
 ALTER TABLE session_requests

@@ -256,6 +256,15 @@ def test_idempotent_retry_returns_the_first_outcome(cli: CLI, db_url: str) -> No
     assert balance(db_url, s.id)[1] == 200 - first["debitedSats"]
 
 
+def test_idempotency_key_reused_for_another_message_is_refused(cli: CLI, db_url: str) -> None:
+    s = open_session(cli, 200)
+    assert request(cli, s, "first", "--idempotency-key", "k").exit_code == ExitCode.OK
+    reused = request(cli, s, "second", "--idempotency-key", "k")
+    assert reused.exit_code == ExitCode.BAD_INPUT
+    assert "different message" in reused.stderr
+    assert counts(db_url) == (1, 2, 1)
+
+
 def test_batch_of_100(cli: CLI, db_url: str) -> None:
     s = open_session(cli, 1_000_000)
     lines = "".join(json.dumps({"message": f"request {n}"}) + "\n" for n in range(100))
@@ -274,7 +283,7 @@ def test_batch_with_idempotency_keys_and_a_malformed_line(cli: CLI, db_url: str)
     s = open_session(cli, 10_000)
     lines = (
         '{"message": "one", "idempotencyKey": "a"}\n'
-        '{"message": "one again", "idempotencyKey": "a"}\n'
+        '{"message": "one", "idempotencyKey": "a"}\n'
         "\n"
         '{"message": "two"}\n'
         "{not json\n"

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from towerctl.errors import BadInput
 
+SECRET_ENVIRONMENT = ("OPENAI_API_KEY", "PGPASSWORD", "PGPASSFILE")
 DECLINE_EXIT_STATUS = 10  # an exec agent that exits 10 declines; stdout is the reason
 ERROR_TAIL_CHARS = 500
 
@@ -41,6 +42,27 @@ class Agent(Protocol):
     def name(self) -> str: ...
 
     def answer(self, session_id: str, conversation: list[ChatMessage]) -> AgentReply: ...
+
+
+def agent_environment() -> dict[str, str]:
+    """The environment for an exec agent: towerctl's own settings and secrets removed
+    (root key, macaroon, database URL, API keys)."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("TOWER_") and key not in SECRET_ENVIRONMENT
+    }
+
+
+def clean(text: str) -> str:
+    """Agent text PostgreSQL can store: NUL and unpaired surrogates become U+FFFD."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
 
 
 def _tail(text: str) -> str:
@@ -86,6 +108,7 @@ class ExecAgent:
                 capture_output=True,
                 timeout=self.timeout,
                 check=False,
+                env=agent_environment(),
             )
         except subprocess.TimeoutExpired:
             return AgentReply("failed", f"agent timed out after {self.timeout:g}s")
@@ -131,7 +154,7 @@ class OpenAIAgent:
             response = httpx.post(url, json=body, headers=headers, timeout=self.timeout)
         except httpx.TimeoutException:
             return AgentReply("failed", f"agent timed out after {self.timeout:g}s")
-        except httpx.HTTPError as error:
+        except (httpx.HTTPError, httpx.InvalidURL) as error:
             return AgentReply("failed", f"agent unreachable: {type(error).__name__}")
         if response.status_code >= 400:
             detail = _tail(response.text)[:200]
@@ -158,6 +181,16 @@ class OpenAIAgent:
         return AgentReply("complete", content, prompt, completion)
 
 
+def _valid_http_url(text: str) -> bool:
+    import httpx
+
+    try:
+        url = httpx.URL(text)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return False
+    return url.scheme in ("http", "https") and bool(url.host)
+
+
 def agent_from_spec(spec: str | None, *, model: str | None = None, timeout: float = 60.0) -> Agent:
     """Build the agent named by `--agent` / TOWER_AGENT (default `echo`)."""
     spec = (spec or os.environ.get("TOWER_AGENT") or "echo").strip()
@@ -175,7 +208,7 @@ def agent_from_spec(spec: str | None, *, model: str | None = None, timeout: floa
         return ExecAgent(argv, timeout)
     if spec.startswith("openai:"):
         base_url = spec[7:].strip()
-        if not base_url.startswith(("http://", "https://")):
+        if not _valid_http_url(base_url):
             raise BadInput("--agent openai: needs a base URL, e.g. openai:https://api.example/v1")
         return OpenAIAgent(
             base_url=base_url,

@@ -41,11 +41,19 @@ def connect(url: str, *, application_name: str = "towerctl") -> psycopg.Connecti
     import logging
 
     import psycopg
+    from psycopg.conninfo import conninfo_to_dict
 
     # psycopg logs some errors it ignores (e.g. ending a pipeline on a lost connection);
     # the error that matters reaches the user as one line, so keep its log off stderr.
     logging.getLogger("psycopg").addHandler(logging.NullHandler())
-
+    try:
+        conninfo_to_dict(url)
+    except Exception:
+        # libpq's parse errors quote the offending part, which may be the password.
+        raise DatabaseUnreachable(
+            "cannot parse the database URL",
+            hint="check its syntax; special characters in a password must be percent-encoded",
+        ) from None
     try:
         conn = psycopg.connect(
             url,

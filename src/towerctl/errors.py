@@ -66,3 +66,12 @@ class DatabaseUnreachable(TowerError):
 
 class Inconsistent(TowerError):
     exit_code = ExitCode.INCONSISTENT
+
+
+def error_for(code: ExitCode, message: str) -> TowerError:
+    """The error class that carries `code` (for outcomes that combine several, like a batch)."""
+    for kind in (BadInput, Unauthorized, NotFound, NotServed, AgentFailed, MigrationError,
+                 DatabaseUnreachable, Inconsistent):  # fmt: skip
+        if kind.exit_code == code:
+            return kind(message)
+    return TowerError(message)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import stat
 from dataclasses import dataclass, field
@@ -46,10 +47,9 @@ class KeyRing:
 def parse_key(text: str, source: str) -> bytes:
     """Decode a hex key; the message names the source, never the key."""
     cleaned = text.strip()
-    try:
-        key = bytes.fromhex(cleaned)
-    except ValueError:
-        raise BadInput(f"the root key in {source} is not hex") from None
+    if not re.fullmatch(r"[0-9a-fA-F]*", cleaned) or len(cleaned) % 2:
+        raise BadInput(f"the root key in {source} is not hex on one line")
+    key = bytes.fromhex(cleaned)
     if len(key) < MIN_KEY_BYTES:
         raise BadInput(
             f"the root key in {source} is {len(key)} bytes; at least {MIN_KEY_BYTES} are required"

@@ -29,6 +29,11 @@ FILE_NAME = re.compile(r"^(\d+)_([A-Za-z0-9][A-Za-z0-9_.\-]*)\.sql$")
 NO_TRANSACTION_MARK = "-- towerctl:no-transaction"
 LEDGER_TABLE = "tower_schema_migrations"
 LOCK_KEY = 0x746F776572_6D6967  # "tower" "mig"
+MAX_LOCK_WAIT_SECONDS = 86_400
+TRANSACTION_CONTROL = re.compile(
+    r"^(BEGIN|START\s+TRANSACTION|COMMIT|END|ROLLBACK|ABORT|PREPARE\s+TRANSACTION)\b",
+    re.IGNORECASE,
+)
 
 CREATE_LEDGER = f"""
 CREATE TABLE IF NOT EXISTS {LEDGER_TABLE} (
@@ -251,18 +256,24 @@ def migration_lock(conn: psycopg.Connection, timeout_seconds: float) -> Iterator
     """Hold the session-level advisory lock that serialises migration runners."""
     import psycopg
 
-    if not timeout_seconds >= 0:
-        raise BadInput("--lock-timeout must be a number of seconds >= 0")
-    conn.execute(f"SET lock_timeout = '{int(timeout_seconds * 1000)}ms'")
-    try:
-        conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
-    except psycopg.errors.LockNotAvailable:
-        raise MigrationError(
-            f"another migration run held the lock for more than {timeout_seconds:g}s",
-            hint="wait for it to finish or raise --lock-timeout",
-        ) from None
-    finally:
-        conn.execute("SET lock_timeout = DEFAULT")
+    if not 0 <= timeout_seconds <= MAX_LOCK_WAIT_SECONDS:
+        raise BadInput(f"--lock-timeout must be from 0 to {MAX_LOCK_WAIT_SECONDS} seconds")
+    refused = MigrationError(
+        f"another migration run held the lock for more than {timeout_seconds:g}s",
+        hint="wait for it to finish or raise --lock-timeout",
+    )
+    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()
+    if not (row and row[0]):
+        if timeout_seconds == 0:
+            raise refused
+        conn.execute(f"SET lock_timeout = '{max(int(timeout_seconds * 1000), 1)}ms'")
+        try:
+            conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        except psycopg.errors.LockNotAvailable:
+            raise refused from None
+        finally:
+            if not conn.broken:
+                conn.execute("SET lock_timeout = DEFAULT")
     try:
         conn.execute(CREATE_LEDGER)
         yield
@@ -275,9 +286,34 @@ def _statements(migration: Migration) -> list[Statement]:
     from towerctl.sqlsplit import UnterminatedSQL, split_statements
 
     try:
-        return split_statements(migration.sql)
+        statements = split_statements(migration.sql)
     except UnterminatedSQL as error:
         raise MigrationError(f"{migration.filename}, line {error.line}: {error}") from None
+    for statement in statements:
+        if TRANSACTION_CONTROL.match(statement.text):
+            raise MigrationError(
+                f"{migration.filename}, line {statement.line}: transaction control "
+                f"({statement.text.split()[0].upper()}) is not allowed; towerctl runs each "
+                "file in one transaction",
+                hint=f"remove it, or make the first line '{NO_TRANSACTION_MARK}'",
+            )
+    return statements
+
+
+def statement_lock_timeout() -> float:
+    """How long a migration statement may wait for a table lock before the file fails
+    (`TOWER_MIGRATION_LOCK_TIMEOUT`, seconds, default 10; 0 waits forever), so DDL never
+    queues behind a long transaction while blocking the traffic behind it."""
+    raw = os.environ.get("TOWER_MIGRATION_LOCK_TIMEOUT", "10")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_LOCK_WAIT_SECONDS:
+        raise BadInput(
+            f"TOWER_MIGRATION_LOCK_TIMEOUT must be seconds from 0 to {MAX_LOCK_WAIT_SECONDS}"
+        )
+    return value
 
 
 def _failure(
@@ -348,13 +384,23 @@ def apply(
     plan: Plan,
     on_applied: Callable[[Migration, float], None] | None = None,
 ) -> list[Migration]:
-    """Apply every step of `plan` in order, stopping at the first failure."""
+    """Apply every step of `plan` in order, stopping at the first failure.
+
+    Statements wait at most `statement_lock_timeout()` for a table lock.
+    """
     done: list[Migration] = []
-    for migration in plan.steps:
-        elapsed = apply_one(conn, migration)
-        done.append(migration)
-        if on_applied:
-            on_applied(migration, elapsed)
+    if not plan.steps:
+        return done
+    conn.execute(f"SET lock_timeout = '{int(statement_lock_timeout() * 1000)}ms'")
+    try:
+        for migration in plan.steps:
+            elapsed = apply_one(conn, migration)
+            done.append(migration)
+            if on_applied:
+                on_applied(migration, elapsed)
+    finally:
+        if not conn.broken and not conn.closed:
+            conn.execute("RESET lock_timeout")
     return done
 
 

@@ -17,6 +17,7 @@ the agent runs.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from decimal import ROUND_CEILING, Decimal
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from towerctl.agents import Agent, AgentReply, ChatMessage
+from towerctl.agents import Agent, AgentReply, ChatMessage, clean
 from towerctl.config import Pricing, RequestLimits
 from towerctl.errors import BadInput, NotFound, NotServed
 from towerctl.sessions import IDLE_LIFETIME
@@ -36,6 +37,7 @@ LOCK_NAMESPACE = (
     0x746F77  # first key of the two-key advisory lock; the second is the session's hash
 )
 MAX_IDEMPOTENCY_KEY = 200
+MAX_REPORTED_TOKENS = 10_000_000  # more than any model's window: a report beyond it is bogus
 
 TRY_LOCK_SESSION = "SELECT pg_try_advisory_lock(%s, hashtext(%s::text))"
 LOCK_SESSION = "SELECT pg_advisory_lock(%s, hashtext(%s::text))"
@@ -56,7 +58,7 @@ SELECT role, content, token_count FROM session_messages
 WHERE session_id = %s ORDER BY id DESC LIMIT %s"""
 FIND_BY_KEY = """
 SELECT r.id, r.state, r.reason, r.error_message, r.debited_sats, r.balance_after_sats,
-       r.input_tokens, r.output_tokens,
+       r.input_tokens, r.output_tokens, r.message_sha256,
        (SELECT m.content FROM session_messages m
         WHERE m.session_id = r.session_id AND m.session_request_id = r.id
           AND m.role = 'assistant' LIMIT 1)
@@ -67,7 +69,8 @@ WITH s AS (
 ), req AS (
     INSERT INTO session_requests (
         session_id, state, agent, reason, error_message, input_tokens, output_tokens,
-        cost_sats, debited_sats, balance_after_sats, idempotency_key, completed_at)
+        cost_sats, debited_sats, balance_after_sats, idempotency_key, message_sha256,
+        completed_at)
     SELECT s.id, %(state)s::text, %(agent)s, %(reason)s, %(error)s, %(in)s, %(out)s,
            %(cost)s::bigint,
            CASE WHEN %(state)s::text = 'complete' THEN least(%(cost)s::bigint, s.balance_sats)
@@ -75,16 +78,18 @@ WITH s AS (
            s.balance_sats
              - CASE WHEN %(state)s::text = 'complete' THEN least(%(cost)s::bigint, s.balance_sats)
                     ELSE 0 END,
-           %(key)s, now()
+           %(key)s, %(digest)s, now()
     FROM s
     RETURNING session_id, id, debited_sats, balance_after_sats
 ), balance AS (
     UPDATE sessions
     SET balance_sats = req.balance_after_sats,
-        state = CASE WHEN %(pause)s OR req.balance_after_sats < %(floor)s THEN 'paused'
+        state = CASE WHEN sessions.state = 'expired' THEN 'expired'
+                     WHEN %(pause)s OR req.balance_after_sats < %(floor)s THEN 'paused'
                      ELSE sessions.state END,
         last_activity_at = now(),
-        expires_at = now() + interval '{IDLE_LIFETIME}'
+        expires_at = CASE WHEN sessions.state = 'expired' THEN sessions.expires_at
+                          ELSE now() + interval '{IDLE_LIFETIME}' END
     FROM req WHERE sessions.id = req.session_id
     RETURNING sessions.state
 ), debit AS (
@@ -131,6 +136,22 @@ class RequestOutcome:
         }
 
 
+def unrecorded_refusal(session_id: UUID, reason: str) -> dict[str, Any]:
+    """The outcome line for a request refused without being recorded (paused, busy…)."""
+    return RequestOutcome(
+        request_id=None,
+        session_id=session_id,
+        state="rejected",
+        result=None,
+        reason=reason,
+        error_message=None,
+        debited_sats=0,
+        balance_remaining=None,
+        input_tokens=0,
+        output_tokens=0,
+    ).as_json()
+
+
 def tokens(text: str) -> int:
     """The token estimate of SPEC 6: ceil(characters / 4)."""
     return math.ceil(len(text) / 4)
@@ -157,6 +178,16 @@ def context_window(
     while chosen and total > limits.context_tokens:
         total -= chosen.pop(0)[2]
     return [ChatMessage(role, content) for role, content, _ in chosen]
+
+
+def _plausible(reported: int | None, estimate: int) -> int:
+    """An agent's reported token count, unless it is missing or implausible (negative,
+    beyond any context window, or zero for a non-empty text): then our own estimate."""
+    if reported is None or not 0 <= reported <= MAX_REPORTED_TOKENS:
+        return estimate
+    if reported == 0 and estimate > 0:
+        return estimate
+    return reported
 
 
 def validate_message(message: str, limits: RequestLimits) -> str:
@@ -188,11 +219,22 @@ def validate_idempotency_key(key: str | None) -> str | None:
     return key
 
 
-def _replay(session_id: UUID, row: tuple[Any, ...] | None) -> RequestOutcome | None:
+def message_digest(message: str) -> str:
+    return hashlib.sha256(message.encode("utf-8")).hexdigest()
+
+
+def _replay(
+    session_id: UUID, message: str, key: str, row: tuple[Any, ...] | None
+) -> RequestOutcome | None:
     """The first outcome of an idempotency key, from its FIND_BY_KEY row."""
     if row is None:
         return None
-    rid, state, reason, error, debited, balance_after, tin, tout, reply = row
+    rid, state, reason, error, debited, balance_after, tin, tout, digest, reply = row
+    if digest is not None and digest != message_digest(message):
+        raise BadInput(
+            f"idempotency key {key!r} was already used for a different message",
+            hint="use a new key for a new request",
+        )
     return RequestOutcome(
         request_id=rid,
         session_id=session_id,
@@ -264,6 +306,7 @@ def _record(
         "out": output_tokens,
         "cost": cost if reply.state == "complete" else 0,
         "key": key,
+        "digest": message_digest(message),
         "pause": pause,
         "floor": pricing.eval_fee_sats + 1,
         "user": message,
@@ -309,7 +352,11 @@ def run_request(
             replay = conn.execute(FIND_BY_KEY, (session_id, key or "")) if key else None
             current = conn.execute(READ_SESSION, {"sid": session_id})
             recent = conn.execute(READ_HISTORY, (session_id, limits.context_messages))
-        earlier = _replay(session_id, replay.fetchone()) if replay is not None else None
+        earlier = (
+            _replay(session_id, message, key, replay.fetchone())
+            if replay is not None and key is not None
+            else None
+        )
         if earlier is not None:
             return earlier
         row = current.fetchone()
@@ -344,11 +391,10 @@ def run_request(
                 pricing=pricing,
             )
         reply = agent.answer(str(session_id), conversation)
-        if reply.input_tokens is not None:
-            input_tokens = reply.input_tokens
-        output_tokens = reply.output_tokens
-        if output_tokens is None:
-            output_tokens = tokens(reply.text) if reply.state == "complete" else 0
+        reply = AgentReply(reply.state, clean(reply.text), reply.input_tokens, reply.output_tokens)
+        estimate = tokens(reply.text) if reply.state == "complete" else 0
+        input_tokens = _plausible(reply.input_tokens, input_tokens)
+        output_tokens = _plausible(reply.output_tokens, estimate)
         cost = cost_sats(pricing, input_tokens, output_tokens)
         return _record(
             conn,

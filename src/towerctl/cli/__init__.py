@@ -85,6 +85,13 @@ def _connection_lost(error: BaseException) -> bool:
     return state is None or state.startswith(("08", "57P"))
 
 
+def _schema_missing(error: BaseException) -> bool:
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(
+        error, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn
+    )
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; the one place errors become codes."""
     show_traceback = "--traceback" in (argv if argv is not None else sys.argv[1:])
@@ -108,6 +115,11 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except Exception as error:
+        if _schema_missing(error):
+            return _fail(
+                "the database has no towerctl schema (run 'towerctl migrate')",
+                ExitCode.MIGRATION,
+            )
         if _connection_lost(error):
             from towerctl.db import first_line
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import typer
 
-from towerctl.cli.state import connect, note, print_json, read_token
+from towerctl.cli.state import connect, note, print_json
 
 app = typer.Typer(help="Macaroons that authorise work on one session.", no_args_is_help=True)
 
@@ -18,9 +18,11 @@ TOKEN = typer.Argument(..., metavar="TOKEN", help="The macaroon, or - to read it
 
 
 def _token(value: str) -> str:
+    """The TOKEN argument, or stdin for `-`. Never the environment: an empty argument
+    (say, an unset shell variable) must not act on TOWER_MACAROON's token."""
     from towerctl.errors import Unauthorized
 
-    token = read_token(value)
+    token = sys.stdin.readline().strip() if value == "-" else value.strip()
     if not token:
         raise Unauthorized("no macaroon given")
     return token

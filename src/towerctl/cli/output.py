@@ -71,10 +71,15 @@ class atomic_file:
         import os
         import tempfile
 
+        from towerctl.errors import BadInput
+
         folder = os.path.dirname(os.path.abspath(self.path))
-        fd, self.temp = tempfile.mkstemp(
-            prefix=f".{os.path.basename(self.path)}.", suffix=".part", dir=folder
-        )
+        try:
+            fd, self.temp = tempfile.mkstemp(
+                prefix=f".{os.path.basename(self.path)}.", suffix=".part", dir=folder
+            )
+        except OSError as error:
+            raise BadInput(f"cannot write in {folder}: {error.strerror}") from None
         self.handle = os.fdopen(fd, "wb")
         return self.handle
 
@@ -87,7 +92,12 @@ class atomic_file:
                 os.fsync(self.handle.fileno())
             self.handle.close()
             if kind is None:
-                os.replace(self.temp, self.path)
+                try:
+                    os.replace(self.temp, self.path)
+                except OSError as error:
+                    from towerctl.errors import BadInput
+
+                    raise BadInput(f"cannot write {self.path}: {error.strerror}") from None
         finally:
             if os.path.exists(self.temp):
                 os.unlink(self.temp)

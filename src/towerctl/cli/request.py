@@ -102,6 +102,30 @@ def request(
         raise AgentFailed(f"agent failed: {outcome.error_message}")
 
 
+def _batch_item(number: int, raw: bytes) -> tuple[str, str | None] | None:
+    """(message, idempotency key) of one NDJSON line; None for a blank line."""
+    import json
+
+    from towerctl.errors import BadInput
+
+    try:
+        line = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise BadInput(f"line {number}: not valid UTF-8") from None
+    if not line:
+        return None
+    try:
+        item = json.loads(line)
+    except ValueError:
+        raise BadInput(f"line {number}: not valid JSON") from None
+    if not isinstance(item, dict) or not isinstance(item.get("message"), str):
+        raise BadInput(f'line {number}: expected an object with a "message" string')
+    key = item.get("idempotencyKey")
+    if key is not None and not isinstance(key, str):
+        raise BadInput(f"line {number}: idempotencyKey must be a string")
+    return item["message"], key
+
+
 def _run_batch(
     conn: psycopg.Connection,
     sid: UUID,
@@ -109,68 +133,48 @@ def _run_batch(
     pricing: Pricing,
     limits: RequestLimits,
 ) -> None:
-    """One NDJSON result per input line, in order; exit with the largest code seen."""
-    import json
-
+    """One NDJSON result per input line, in order; exit with the largest code among the
+    lines (2 for a malformed line, which stops the batch after the lines before it)."""
     from towerctl import requests
-    from towerctl.errors import AgentFailed, BadInput, ExitCode, NotServed
+    from towerctl.errors import BadInput, ExitCode, NotServed, error_for
     from towerctl.render import json_text
 
     counts = {"complete": 0, "rejected": 0, "failed": 0}
+    codes = {"complete": ExitCode.OK, "rejected": ExitCode.NOT_SERVED}
     worst = ExitCode.OK
     out = sys.stdout
-    for number, raw in enumerate(sys.stdin, start=1):
-        line = raw.strip()
-        if not line:
-            continue
+    stream = getattr(sys.stdin, "buffer", None)
+    lines = stream if stream is not None else (x.encode() for x in sys.stdin)
+    for number, raw in enumerate(lines, start=1):
         try:
-            item = json.loads(line)
-        except ValueError:
-            raise BadInput(f"line {number}: not valid JSON") from None
-        if not isinstance(item, dict) or not isinstance(item.get("message"), str):
-            raise BadInput(f'line {number}: expected an object with a "message" string')
-        key = item.get("idempotencyKey")
-        if key is not None and not isinstance(key, str):
-            raise BadInput(f"line {number}: idempotencyKey must be a string")
-        try:
-            outcome = requests.run_request(
-                conn,
-                sid,
-                item["message"],
-                agent,
-                idempotency_key=key,
-                pricing=pricing,
-                limits=limits,
-            )
+            item = _batch_item(number, raw)
+            if item is None:
+                continue
+            try:
+                outcome = requests.run_request(
+                    conn,
+                    sid,
+                    item[0],
+                    agent,
+                    idempotency_key=item[1],
+                    pricing=pricing,
+                    limits=limits,
+                )
+                doc = outcome.as_json()
+                state = outcome.state
+            except NotServed as refused:  # not recorded: paused, expired, busy
+                doc = requests.unrecorded_refusal(sid, str(refused))
+                state = "rejected"
         except BadInput as error:
-            raise BadInput(f"line {number}: {error}") from None
-        except NotServed as refused:
-            doc = {
-                "requestId": None,
-                "sessionId": str(sid),
-                "state": "rejected",
-                "result": None,
-                "reason": str(refused),
-                "errorMessage": None,
-                "debitedSats": 0,
-                "balanceRemaining": None,
-                "inputTokens": 0,
-                "outputTokens": 0,
-            }
-            out.write(json_text(doc, compact=True) + "\n")
-            out.flush()
-            counts["rejected"] += 1
-            worst = max(worst, ExitCode.NOT_SERVED)
-            continue
-        out.write(json_text(outcome.as_json(), compact=True) + "\n")
+            message = str(error) if str(error).startswith("line ") else f"line {number}: {error}"
+            summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+            raise error_for(
+                max(worst, ExitCode.BAD_INPUT), f"{message} (stopped; before it: {summary})"
+            ) from None
+        out.write(json_text(doc, compact=True) + "\n")
         out.flush()
-        counts[outcome.state] += 1
-        if outcome.state == "rejected":
-            worst = max(worst, ExitCode.NOT_SERVED)
-        elif outcome.state == "failed":
-            worst = max(worst, ExitCode.AGENT_FAILED)
-    summary = ", ".join(f"{n} {state}" for state, n in counts.items())
-    if worst == ExitCode.AGENT_FAILED:
-        raise AgentFailed(f"batch: {summary}")
-    if worst == ExitCode.NOT_SERVED:
-        raise NotServed(f"batch: {summary}")
+        counts[state] += 1
+        worst = max(worst, codes.get(state, ExitCode.AGENT_FAILED))
+    if worst != ExitCode.OK:
+        summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+        raise error_for(worst, f"batch: {summary}")

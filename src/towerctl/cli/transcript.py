@@ -37,7 +37,6 @@ def messages(
     macaroon_file: str | None = MACAROON_FILE_OPTION,
 ) -> None:
     """Print or export a session's messages in order (needs a macaroon with scope read)."""
-    import os
 
     from towerctl import sessions, transcripts
     from towerctl.errors import BadInput
@@ -47,24 +46,45 @@ def messages(
     except ValueError:
         names = ", ".join(f.value for f in transcripts.Format)
         raise BadInput(f"--format must be one of {names}, got {fmt!r}") from None
-    if output is not None and (not output or os.path.isdir(output)):
-        raise BadInput(f"-o {output!r} is not a file name")
-    if output is not None and not os.path.isdir(os.path.dirname(os.path.abspath(output))):
-        raise BadInput(f"-o {output}: the folder does not exist")
+    if output is not None:
+        output = _output_path(output)
     conn, sid = authorized_session(ctx, session_id, macaroon, macaroon_file, "read")
     sessions.get_session(conn, sid)
     selection = transcripts.Selection(sid, after=after, before=before, role=role, limit=limit)
     transcripts.check_selection(conn, selection)
+    # One snapshot for the page, its nextCursor and the progress total.
+    import psycopg
+
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
     if output is None:
-        _export(conn, selection, chosen, None)
+        with conn.transaction():
+            _export(conn, selection, chosen, None)
         return
     from towerctl.cli.output import atomic_file
 
-    with atomic_file(output) as handle:
+    with atomic_file(output) as handle, conn.transaction():
         written = _export(conn, selection, chosen, handle)
     from towerctl.cli.state import note
 
     note(f"wrote {written} message{'s' if written != 1 else ''} to {output}")
+
+
+def _output_path(output: str) -> str:
+    """The real file `-o` names (symlinks followed), or BadInput: it must be a regular
+    file (new or existing) in a folder that exists; devices and pipes belong to `>`."""
+    import os
+
+    from towerctl.errors import BadInput
+
+    path = os.path.realpath(output) if output else ""
+    if not path or os.path.isdir(path):
+        raise BadInput(f"-o {output!r} is not a file name")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise BadInput(f"-o {output}: not a regular file (use shell redirection for devices)")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise BadInput(f"-o {output}: the folder does not exist")
+    return path
 
 
 def _progress(rows: Iterator[T], total: int, enabled: bool) -> Iterator[T]:
