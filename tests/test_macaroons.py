@@ -278,3 +278,20 @@ def test_arbitrary_v2_looking_bytes_exit_3(cli: CLI, payload: bytes) -> None:
 
     token = base64.urlsafe_b64encode(b"\x02" + payload).decode().rstrip("=")
     assert cli("macaroon", "verify", token).exit_code == ExitCode.UNAUTHORIZED
+
+
+def test_empty_token_argument_never_uses_the_environment(
+    cli: CLI, session: OpenedSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOWER_MACAROON", session.macaroon)
+    for command in ("revoke", "verify", "inspect"):
+        assert cli("macaroon", command, "").exit_code == ExitCode.UNAUTHORIZED
+    assert verify(cli, session.macaroon) == ExitCode.OK, "the env token must not be revoked"
+
+
+@pytest.mark.parametrize("key", ["a1" * 16 + "\n" + "a1" * 16, "a1 " * 32])
+def test_root_key_with_whitespace_inside_is_refused(
+    cli: CLI, session: OpenedSession, monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    monkeypatch.setenv("TOWER_ROOT_KEY", key)
+    assert cli("macaroon", "mint", session.id).exit_code == ExitCode.BAD_INPUT

@@ -334,3 +334,62 @@ def test_invalid_index_from_an_interrupted_concurrent_build_is_reported(
         c.execute("DROP INDEX CONCURRENTLY t_u")
     assert cli("--database-url", empty_db_url, "migrate", "--dir", str(folder)).exit_code == 0
     assert ledger_versions(empty_db_url) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "control", ["BEGIN;", "COMMIT;", "start transaction;", "END;", "rollback;"]
+)
+def test_transaction_control_in_a_file_is_refused_before_running(
+    cli: CLI, empty_db_url: str, tmp_path: Path, control: str
+) -> None:
+    folder = tmp_path / "sql"
+    write(
+        folder, "0001_a.sql", f"CREATE TABLE t1 (id int);\n{control}\nCREATE TABLE t2 (id int);\n"
+    )
+    result = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
+    assert result.exit_code == ExitCode.MIGRATION
+    assert "0001_a.sql, line 2" in result.stderr and "transaction control" in result.stderr
+    assert tables(empty_db_url) == {"tower_schema_migrations"}
+
+
+def test_lock_timeout_zero_fails_at_once_and_bounds_are_checked(
+    cli: CLI, empty_db_url: str
+) -> None:
+    with psycopg.connect(empty_db_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (migrations.LOCK_KEY,))
+        result = cli("--database-url", empty_db_url, "migrate", "--lock-timeout", "0")
+    assert result.exit_code == ExitCode.MIGRATION
+    for bad in ("inf", "1e12", "-1", "nan"):
+        assert cli("--database-url", empty_db_url, "migrate", "--lock-timeout", bad).exit_code == 2
+
+
+def test_ddl_waits_at_most_the_statement_lock_timeout(
+    cli: CLI, empty_db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "sql"
+    write(folder, "0001_t.sql", "CREATE TABLE t (id int);\n")
+    write(folder, "0002_alter.sql", "ALTER TABLE t ADD COLUMN note text;\n")
+    assert (
+        cli("--database-url", empty_db_url, "migrate", "--dir", str(folder), "--to", "1").exit_code
+        == 0
+    )
+    monkeypatch.setenv("TOWER_MIGRATION_LOCK_TIMEOUT", "0.3")
+    with psycopg.connect(empty_db_url) as reader:  # a long transaction holding a lock on t
+        reader.execute("SELECT * FROM t")
+        result = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
+    assert result.exit_code == ExitCode.MIGRATION
+    assert "0002_alter.sql, line 1" in result.stderr and "lock timeout" in result.stderr
+    assert ledger_versions(empty_db_url) == [1]
+
+
+def test_unmigrated_database_says_so(cli: CLI, empty_db_url: str) -> None:
+    result = cli("--database-url", empty_db_url, "session", "list")
+    assert result.exit_code == ExitCode.MIGRATION
+    assert "towerctl migrate" in result.stderr
+
+
+def test_malformed_url_never_echoes_the_password(cli: CLI) -> None:
+    for url in ("postgresql://u:Sup3rSecret%zz@localhost/db", "postgresql://u:my secret@h/db"):
+        result = cli("--database-url", url, "migrate", "status")
+        assert result.exit_code == ExitCode.UNREACHABLE
+        assert "Sup3rSecret" not in result.stderr and "my secret" not in result.stderr

@@ -447,3 +447,105 @@ def test_openai_unreachable_is_a_failure(cli: CLI, db_url: str) -> None:
     s = open_session(cli, 1000)
     result = request(cli, s, "hello", "--agent", "openai:http://127.0.0.1:1/v1", "--json")
     assert result.exit_code == ExitCode.AGENT_FAILED
+
+
+# --- agents that misbehave --------------------------------------------------------------
+
+
+def test_agent_output_with_nul_is_stored_cleaned(cli: CLI, db_url: str, tmp_path: Path) -> None:
+    s = open_session(cli, 500)
+    nul = exec_agent(tmp_path, "nul.py", "sys.stdout.write('answer\\x00tail')")
+    result = request(cli, s, "hi", "--agent", nul, "--json")
+    assert result.exit_code == ExitCode.OK, result.stderr
+    assert json.loads(result.stdout)["result"] == "answer\ufffdtail"
+    broken = exec_agent(tmp_path, "nulerr.py", "sys.stderr.write('bad\\x00thing'); sys.exit(2)")
+    failed = request(cli, s, "hi", "--agent", broken, "--json")
+    assert failed.exit_code == ExitCode.AGENT_FAILED
+    assert "bad\ufffdthing" in json.loads(failed.stdout)["errorMessage"]
+    assert_store_consistent(db_url)
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected_in"),
+    [({"prompt_tokens": 3_000_000_000, "completion_tokens": 5}, 2), ({"prompt_tokens": -4}, 2)],
+)
+def test_implausible_reported_usage_falls_back_to_the_estimate(
+    cli: CLI, db_url: str, usage: dict[str, int], expected_in: int
+) -> None:
+    s = open_session(cli, 1000)
+    with openai_server({"reply": "ok", "usage": usage}) as (url, _):
+        result = request(cli, s, "hello", "--agent", f"openai:{url}", "--json")
+    assert result.exit_code == ExitCode.OK, result.stderr
+    assert json.loads(result.stdout)["inputTokens"] == expected_in
+
+
+def test_zero_reported_output_for_a_long_reply_is_not_free(cli: CLI, db_url: str) -> None:
+    s = open_session(cli, 10_000)
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    with openai_server({"reply": "z" * 20_000, "usage": usage}) as (url, _):
+        doc = json.loads(request(cli, s, "hello", "--agent", f"openai:{url}", "--json").stdout)
+    assert doc["outputTokens"] == 5000
+    assert doc["debitedSats"] == cost_sats(Pricing(), 2, 5000)
+
+
+def test_exec_agents_do_not_see_towerctl_secrets(
+    cli: CLI, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-should-not-leak")
+    monkeypatch.setenv("PGPASSWORD", "pg-should-not-leak")
+    s = open_session(cli, 500)
+    monkeypatch.setenv("TOWER_MACAROON", s.macaroon)
+    snoop = exec_agent(tmp_path, "env.py", "import os; print(' '.join(sorted(os.environ)))")
+    seen = json.loads(request(cli, s, "hi", "--agent", snoop, "--json").stdout)["result"].split()
+    assert "PATH" in seen
+    assert not [k for k in seen if k.startswith("TOWER_")]
+    assert "OPENAI_API_KEY" not in seen and "PGPASSWORD" not in seen
+
+
+def test_bad_openai_urls_exit_2(cli: CLI, db_url: str) -> None:
+    s = open_session(cli, 500)
+    for url in ("openai:http://[::1", "openai:http://", "openai:nope"):
+        assert request(cli, s, "hi", "--agent", url).exit_code == ExitCode.BAD_INPUT, url
+    assert counts(db_url) == (0, 0, 0)
+
+
+def test_session_expiring_while_the_agent_runs_stays_expired(
+    cli: CLI, db_url: str, tmp_path: Path
+) -> None:
+    s = open_session(cli, 500)
+    with psycopg.connect(db_url, autocommit=True) as c:
+        c.execute(
+            "UPDATE sessions SET expires_at = now() + interval '1 second' WHERE id = %s", (s.id,)
+        )
+    slow = exec_agent(
+        tmp_path, "slow.py", "import time; time.sleep(1.5); print(conv['messages'][-1]['content'])"
+    )
+    result = request(cli, s, "hi", "--agent", slow, "--json")
+    assert result.exit_code == ExitCode.OK
+    cli("session", "list")  # applies the expiry
+    with psycopg.connect(db_url) as c:
+        row = c.execute(
+            "SELECT state, expires_at < now() FROM sessions WHERE id = %s", (s.id,)
+        ).fetchone()
+    assert row == ("expired", True)
+    assert_store_consistent(db_url)
+
+
+def test_batch_exit_code_counts_failed_lines_before_a_malformed_one(
+    cli: CLI, db_url: str, tmp_path: Path
+) -> None:
+    s = open_session(cli, 500)
+    broken = exec_agent(tmp_path, "broken.py", "sys.exit(3)")
+    lines = '{"message": "a"}\n{"message": "b"}\nnot json\n'
+    result = request(cli, s, "--batch", "--agent", broken, input=lines)
+    assert result.exit_code == ExitCode.AGENT_FAILED
+    assert "line 3" in result.stderr
+    assert len(result.stdout.splitlines()) == 2
+
+
+def test_batch_line_with_invalid_utf8_exits_2_with_its_number(cli: CLI, db_url: str) -> None:
+    s = open_session(cli, 500)
+    result = request(cli, s, "--batch", input=b'{"message": "ok"}\n{"message": "\xff"}\n')
+    assert result.exit_code == ExitCode.BAD_INPUT
+    assert "line 2" in result.stderr and "UTF-8" in result.stderr
+    assert counts(db_url)[0] == 1

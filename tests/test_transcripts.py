@@ -273,3 +273,26 @@ def test_doctor_tells_a_lost_message_from_a_cleared_history(
     failed = [k for k in doc["checks"] if not k["ok"]]
     assert [k["name"] for k in failed] == ["requests_have_user_messages"]
     assert chat.id in failed[0]["detail"]
+
+
+def test_output_to_a_symlink_writes_the_target_and_devices_are_refused(
+    cli: CLI, chat: OpenedSession, tmp_path: Path
+) -> None:
+    target = tmp_path / "real.ndjson"
+    target.write_text("old\n")
+    link = tmp_path / "link.ndjson"
+    link.symlink_to(target)
+    assert messages(cli, chat, "--format", "ndjson", "-o", str(link)).exit_code == ExitCode.OK
+    assert link.is_symlink()
+    assert len(target.read_text().splitlines()) == 2 * len(TRICKY)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for bad in (str(fifo), "/dev/null"):
+        result = messages(cli, chat, "--format", "ndjson", "-o", bad)
+        assert result.exit_code == ExitCode.BAD_INPUT, bad
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+
+
+def test_output_into_an_unwritable_folder_exits_2(cli: CLI, chat: OpenedSession) -> None:
+    result = messages(cli, chat, "--format", "json", "-o", "/proc/towerctl-out.json")
+    assert result.exit_code == ExitCode.BAD_INPUT

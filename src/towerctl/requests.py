@@ -84,11 +84,13 @@ WITH s AS (
 ), balance AS (
     UPDATE sessions
     SET balance_sats = req.balance_after_sats,
-        state = CASE WHEN sessions.state = 'expired' THEN 'expired'
+        state = CASE WHEN sessions.state = 'expired' OR sessions.expires_at <= now()
+                          THEN 'expired'
                      WHEN %(pause)s OR req.balance_after_sats < %(floor)s THEN 'paused'
                      ELSE sessions.state END,
         last_activity_at = now(),
-        expires_at = CASE WHEN sessions.state = 'expired' THEN sessions.expires_at
+        expires_at = CASE WHEN sessions.state = 'expired' OR sessions.expires_at <= now()
+                          THEN sessions.expires_at
                           ELSE now() + interval '{IDLE_LIFETIME}' END
     FROM req WHERE sessions.id = req.session_id
     RETURNING sessions.state
