@@ -6,8 +6,6 @@ where atomicity is needed, so nothing idles in a transaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from towerctl.errors import DatabaseUnreachable
@@ -72,12 +70,3 @@ def connect(url: str, *, application_name: str = "towerctl") -> psycopg.Connecti
             hint="check --database-url / TOWER_DATABASE_URL",
         ) from None
     return conn
-
-
-@contextmanager
-def connection(url: str) -> Iterator[psycopg.Connection]:
-    conn = connect(url)
-    try:
-        yield conn
-    finally:
-        conn.close()

@@ -88,11 +88,7 @@ CHECKS: tuple[tuple[str, str, str], ...] = (
     (
         "indexes_valid",
         "no index is left invalid by an interrupted CREATE INDEX CONCURRENTLY",
-        """
-        SELECT i.indexrelid::regclass::text FROM pg_index i
-        JOIN pg_class c ON c.oid = i.indexrelid
-        WHERE NOT i.indisvalid AND c.relnamespace = current_schema()::regnamespace
-        """,
+        migrations.INVALID_INDEXES,
     ),
     (
         "message_roles_per_request",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import ROUND_CEILING, Decimal
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -33,9 +33,8 @@ from towerctl.sessions import IDLE_LIFETIME
 if TYPE_CHECKING:
     import psycopg
 
-LOCK_NAMESPACE = (
-    0x746F77  # first key of the two-key advisory lock; the second is the session's hash
-)
+# First key of the two-key advisory lock; the second is the session's hash.
+LOCK_NAMESPACE = 0x746F77
 MAX_IDEMPOTENCY_KEY = 200
 MAX_REPORTED_TOKENS = 10_000_000  # more than any model's window: a report beyond it is bogus
 
@@ -351,14 +350,10 @@ def run_request(
     key = validate_idempotency_key(idempotency_key)
     with SessionLock(conn, session_id, limits.busy_wait_seconds):
         with conn.pipeline():  # the replay check, the session and its history: one round trip
-            replay = conn.execute(FIND_BY_KEY, (session_id, key or "")) if key else None
+            replay = conn.execute(FIND_BY_KEY, (session_id, key)) if key else None
             current = conn.execute(READ_SESSION, {"sid": session_id})
             recent = conn.execute(READ_HISTORY, (session_id, limits.context_messages))
-        earlier = (
-            _replay(session_id, message, key, replay.fetchone())
-            if replay is not None and key is not None
-            else None
-        )
+        earlier = _replay(session_id, message, key, replay.fetchone()) if key and replay else None
         if earlier is not None:
             return earlier
         row = current.fetchone()
@@ -393,7 +388,7 @@ def run_request(
                 pricing=pricing,
             )
         reply = agent.answer(str(session_id), conversation)
-        reply = AgentReply(reply.state, clean(reply.text), reply.input_tokens, reply.output_tokens)
+        reply = replace(reply, text=clean(reply.text))
         estimate = tokens(reply.text) if reply.state == "complete" else 0
         input_tokens = _plausible(reply.input_tokens, input_tokens)
         output_tokens = _plausible(reply.output_tokens, estimate)
