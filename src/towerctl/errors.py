@@ -20,6 +20,7 @@ class ExitCode(IntEnum):
     MIGRATION = 7
     UNREACHABLE = 8
     INCONSISTENT = 9
+    WRITE_FAILED = 10
 
 
 class TowerError(Exception):
@@ -68,10 +69,16 @@ class Inconsistent(TowerError):
     exit_code = ExitCode.INCONSISTENT
 
 
+class WriteFailed(TowerError):
+    """The output could not be written (disk full, device error, a batch's reader gone)."""
+
+    exit_code = ExitCode.WRITE_FAILED
+
+
 def error_for(code: ExitCode, message: str) -> TowerError:
     """The error class that carries `code` (for outcomes that combine several, like a batch)."""
     for kind in (BadInput, Unauthorized, NotFound, NotServed, AgentFailed, MigrationError,
-                 DatabaseUnreachable, Inconsistent):  # fmt: skip
+                 DatabaseUnreachable, Inconsistent, WriteFailed):  # fmt: skip
         if kind.exit_code == code:
             return kind(message)
     return TowerError(message)

@@ -62,7 +62,10 @@ def root(
 
 
 def _fail(message: str, code: int) -> int:
-    sys.stderr.write(f"towerctl: {message}\n")
+    """The one line on stderr for a failure: outside text in it is shown visibly, bounded."""
+    from towerctl.sanitize import for_diagnostic
+
+    sys.stderr.write(f"towerctl: {for_diagnostic(message)}\n")
     return code
 
 
