@@ -111,6 +111,32 @@ def run(
     )
 
 
+def wait_until(
+    proc: Towerctl, condition: Any, what: str, timeout: float = 60, poll: float = 0.002
+) -> bool:
+    """Poll `condition()` until it holds (True) or the process exits first (False).
+
+    Crash tests kill on observed events (a line printed, a row committed, an agent
+    started), never after a sleep that assumes a machine's speed.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if proc.proc.poll() is not None:
+            return bool(condition())
+        time.sleep(poll)
+    proc.kill()
+    raise AssertionError(f"no {what} within {timeout}s: {proc.stderr}")
+
+
+def agent_starts(log: Path) -> int:
+    """How many agent runs recorded in `log` have started."""
+    if not log.exists():
+        return 0
+    return sum(1 for line in log.read_text().splitlines() if line.startswith("S "))
+
+
 def sleepy_agent(folder: Path, seconds: float) -> str:
     """An exec agent that sleeps `seconds` then echoes the message; returns the `--agent` spec.
 

@@ -34,9 +34,11 @@ from conftest import CLI, ROOT_KEY_HEX, OpenedSession, open_session
 RecordProperty = Callable[[str, object], None]
 
 DEPOSIT = 100_000_000  # large enough that no batch here can pause the session
-ECHO_LINES = 800  # ~0.6 s of echo requests after a ~0.25 s start-up: kills at up to 1 s
-EXEC_LINES = 60  # ~70 ms per request with the sleepy agent: never finishes within 1 s
+ECHO_LINES = 400  # more than any kill point below waits for
+EXEC_LINES = 60
 AGENT_SLEEP = 0.05
+# Where a batch is killed, in turn: each is an observed event, not a delay.
+BATCH_KILL_POINTS = ("agent started, nothing recorded", "outcomes printed", "agent started again")
 
 
 def report(record_property: RecordProperty, name: str, figures: dict[str, Any]) -> None:
@@ -101,9 +103,24 @@ def kill_batches(
             env["CRASH_AGENT_LOG"] = str(agent_log)
         total = EXEC_LINES if use_exec else ECHO_LINES
         before = faults.store_figures(db_url, s.id)
-        delay = rng.uniform(0.05, 1.0)
+        point = BATCH_KILL_POINTS[(round_no // 2) % len(BATCH_KILL_POINTS)] if use_exec else (
+            "outcomes printed")  # fmt: skip
+        lines = rng.randint(1, 40 if not use_exec else 5)
         proc = faults.start(args, env, tmp_path / "runs", ndjson(prefix, total))
-        time.sleep(max(0.0, proc.started + delay - time.time()))
+        if point == "agent started, nothing recorded":
+            faults.wait_until(proc, lambda log=agent_log: faults.agent_starts(log) >= 1, "start")
+        else:
+            faults.wait_until(
+                proc, lambda p=proc, n=lines: len(p.complete_lines()) >= n, f"{lines} lines"
+            )
+            if point == "agent started again":
+                started = faults.agent_starts(agent_log)
+                faults.wait_until(
+                    proc,
+                    lambda log=agent_log, n=started: faults.agent_starts(log) > n,
+                    "next agent start",
+                )
+        delay = time.time() - proc.started
         killed = proc.kill()
         round_no += 1
 
@@ -398,12 +415,22 @@ def migration_state(url: str) -> tuple[list[int], set[str], bool | None]:
     return ledger, tables, (row[0] if row else None)
 
 
+def file_running(url: str) -> bool:
+    """Whether a migration file's statement is running on the server right now."""
+    with psycopg.connect(url, autocommit=True) as c:
+        row = c.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND query LIKE 'SELECT pg_sleep%' AND state = 'active'"
+        ).fetchone()
+    return bool(row and row[0])
+
+
 def expected_tables(ledger: list[int], index_version: int) -> set[str]:
     return {f"t{v if v < index_version else v - 1}" for v in ledger if v != index_version}
 
 
 def kill_migrations(
-    url: str, tmp_path: Path, *, tables: int, kills: int, seed: int, max_delay: float
+    url: str, tmp_path: Path, *, tables: int, kills: int, seed: int
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     index_version = tables // 2 + 1
@@ -413,11 +440,23 @@ def kill_migrations(
     args = ["migrate", "--dir", str(folder), "--lock-timeout", "30"]
     outcomes: Counter[str] = Counter()
     progress: list[int] = []
-    for _ in range(kills):
+    for round_no in range(kills):
         before, _, _ = migration_state(url)
-        delay = rng.uniform(0.05, max_delay)
         proc = faults.start(args, env, tmp_path / "runs")
-        time.sleep(max(0.0, proc.started + delay - time.time()))
+        if round_no % 2 == 0:
+            # A file is running (its pg_sleep is seen on the server) and none has committed.
+            faults.wait_until(
+                proc,
+                lambda n=len(before): file_running(url) and len(migration_state(url)[0]) == n,
+                "a file running",
+                poll=0.001,
+            )
+        else:
+            # Some files committed (rows seen in the ledger), more to come.
+            target = len(before) + rng.randint(1, 6)
+            faults.wait_until(
+                proc, lambda n=target: len(migration_state(url)[0]) >= n, "ledger rows"
+            )
         killed = proc.kill()
         ledger, present, index_valid = migration_state(url)
         assert len(ledger) == len(set(ledger))
@@ -473,7 +512,7 @@ def test_migrate_sigkilled_at_random_moments_then_finishes_cleanly(
     empty_db_url: str, tmp_path: Path, record_property: RecordProperty
 ) -> None:
     began = time.monotonic()
-    figures = kill_migrations(empty_db_url, tmp_path, tables=80, kills=6, seed=3, max_delay=0.7)
+    figures = kill_migrations(empty_db_url, tmp_path, tables=80, kills=6, seed=3)
     figures["seconds"] = round(time.monotonic() - began, 1)
     report(record_property, "sigkill migrate", figures)
 
@@ -483,6 +522,6 @@ def test_migrate_sigkilled_many_times_then_finishes_cleanly(
     empty_db_url: str, tmp_path: Path, record_property: RecordProperty
 ) -> None:
     began = time.monotonic()
-    figures = kill_migrations(empty_db_url, tmp_path, tables=500, kills=40, seed=4, max_delay=0.7)
+    figures = kill_migrations(empty_db_url, tmp_path, tables=500, kills=40, seed=4)
     figures["seconds"] = round(time.monotonic() - began, 1)
     report(record_property, "sigkill migrate (slow)", figures)
