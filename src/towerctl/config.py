@@ -7,6 +7,7 @@ environment variable named here, then the default.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,13 +15,66 @@ from towerctl.errors import BadInput
 
 
 def home() -> Path:
-    """`TOWER_HOME`, or the platform's user data folder for towerctl."""
+    """`TOWER_HOME`, or the platform's user data folder for towerctl (not created here)."""
     explicit = os.environ.get("TOWER_HOME")
     if explicit:
         return Path(explicit).expanduser()
     import platformdirs
 
     return platformdirs.user_data_path("towerctl")
+
+
+def ensure_home(folder: Path | None = None) -> Path:
+    """TOWER_HOME (or `folder`), created 0700 whatever the umask, or checked when it exists.
+
+    A home that another user owns, or that group or others may write to, is
+    refused (exit 2): whoever can write there can replace `root.key`.
+    """
+    path = home() if folder is None else folder
+    private_folder(path, "TOWER_HOME")
+    return path
+
+
+def private_folder(path: Path, what: str) -> None:
+    """Create `path` (and its missing parents) 0700, or check the one that exists.
+
+    Only folders created here get their mode set; an existing folder is never
+    changed, only refused (exit 2) when another user owns it or others may write to it.
+    """
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # someone else made it meanwhile: checked below, never changed
+        except OSError as error:
+            raise BadInput(f"cannot create {what} {folder}: {error.strerror}") from None
+        os.chmod(folder, 0o700)  # mkdir's mode passes through the umask; set it exactly
+    _check_own_folder(path, what)
+
+
+def _check_own_folder(path: Path, what: str) -> None:
+    try:
+        link = os.lstat(path)
+        info = os.stat(path)
+    except OSError as error:
+        raise BadInput(f"cannot use {what} {path}: {error.strerror}") from None
+    me = os.geteuid()
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (me, 0):
+        raise BadInput(f"{what} {path} is a symbolic link owned by another user")
+    if not stat.S_ISDIR(info.st_mode):
+        raise BadInput(f"{what} {path} is not a folder")
+    if info.st_uid != me:
+        raise BadInput(
+            f"{what} {path} is owned by another user (uid {info.st_uid})",
+            hint="use a folder of your own",
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise BadInput(f"{what} {path} is writable by group or others", hint=f"chmod go-w {path}")
 
 
 def database_url(flag: str | None) -> str | None:

@@ -6,10 +6,14 @@ with mode 0600 on first need). Old keys, for a rotation, come from
 `TOWER_OLD_ROOT_KEYS` (comma-separated hex) and `TOWER_OLD_ROOT_KEYS_FILE`
 (default `$TOWER_HOME/old-root.keys`, one hex key per line). A key's id is
 derived from the key, so tokens name the key that signed them.
+
+Every key file must be the user's own regular file that nobody else may read or
+write, or it is refused (exit 2) with one line that never shows the key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -22,6 +26,7 @@ from towerctl import config
 from towerctl.errors import BadInput
 
 MIN_KEY_BYTES = 32
+MAX_KEY_FILE_BYTES = 64 * 1024  # a key file holds a few hex lines; more is not a key file
 
 
 def key_id(key: bytes) -> str:
@@ -58,29 +63,62 @@ def parse_key(text: str, source: str) -> bytes:
 
 
 def _read_private_file(path: Path, what: str) -> str:
+    """A key file's text, refused (exit 2) unless it is a regular file of the user's own.
+
+    Ownership and mode are checked on the opened file, so the file read is the one checked.
+    """
     try:
-        info = path.stat()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as error:
         raise BadInput(f"cannot read {what} {path}: {error.strerror}") from None
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise BadInput(
-            f"{what} {path} is readable by group or others",
-            hint=f"chmod 600 {path}",
-        )
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadInput(f"{what} {path} is not a regular file")
+        if info.st_uid != os.geteuid():
+            raise BadInput(
+                f"{what} {path} is owned by another user (uid {info.st_uid})",
+                hint="a key file must be your own",
+            )
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise BadInput(
+                f"{what} {path} is writable by group or others", hint=f"chmod 600 {path}"
+            )
+        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise BadInput(
+                f"{what} {path} is readable by group or others", hint=f"chmod 600 {path}"
+            )
+        try:
+            raw = handle.read(MAX_KEY_FILE_BYTES + 1)
+        except OSError as error:
+            raise BadInput(f"cannot read {what} {path}: {error.strerror}") from None
+    if len(raw) > MAX_KEY_FILE_BYTES:
+        raise BadInput(f"{what} {path} is larger than {MAX_KEY_FILE_BYTES} bytes")
     try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise BadInput(f"cannot read {what} {path}: {type(error).__name__}") from None
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(f"{what} {path} is not text") from None
 
 
 def _create_key_file(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a new key to `path`, 0600 under any umask, never over an existing file.
+
+    The key is written to a fresh private file first and then linked into place,
+    so no reader ever sees a half-written key and a key that exists is kept.
+    """
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.new")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return  # another process created it first; use theirs
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secrets.token_hex(MIN_KEY_BYTES) + "\n")
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(MIN_KEY_BYTES) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
+            os.link(temp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
 
 
 def current_key() -> bytes:
@@ -91,8 +129,8 @@ def current_key() -> bytes:
     if file_name:
         path = Path(file_name)
         return parse_key(_read_private_file(path, "root key file"), str(path))
-    path = config.home() / "root.key"
-    if not path.exists():
+    path = config.ensure_home() / "root.key"
+    if not path.exists() and not path.is_symlink():
         _create_key_file(path)
     return parse_key(_read_private_file(path, "root key file"), str(path))
 
