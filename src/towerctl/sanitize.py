@@ -65,6 +65,9 @@ def _character_class(ranges: tuple[tuple[int, int], ...]) -> re.Pattern[str]:
 _HIDDEN = _character_class(HIDDEN_RANGES)
 # On a screen, newline and tab are kept: every other hidden character is shown.
 _HIDDEN_ON_SCREEN = _character_class(((0x00, 0x08), (0x0B, 0x1F), *HIDDEN_RANGES[1:]))
+# In an encoded JSON document C0 controls are escaped already, and outside strings
+# there is structural whitespace (newlines of an indented document) to keep.
+_HIDDEN_IN_JSON = _character_class(HIDDEN_RANGES[1:])
 
 
 def _shown(match: re.Match[str]) -> str:
@@ -94,6 +97,11 @@ def for_terminal(text: str) -> str:
     return _HIDDEN_ON_SCREEN.sub(_shown, text)
 
 
+def one_line(text: str) -> str:
+    """`text` with every hidden character shown, newlines and tabs included (a field value)."""
+    return _HIDDEN.sub(_shown, text)
+
+
 def for_diagnostic(text: str, limit: int = DIAGNOSTIC_CHARS) -> str:
     """One line for stderr: every hidden character shown, cut to `limit` characters."""
     if len(text) > limit * 4:
@@ -108,7 +116,7 @@ def escape_json_text(document: str) -> str:
     C0 controls are escaped by any JSON encoder already; this adds DEL, C1 and the
     format characters that `json.dumps(..., ensure_ascii=False)` leaves raw.
     """
-    return _HIDDEN.sub(_json_escape, document)
+    return _HIDDEN_IN_JSON.sub(_json_escape, document)
 
 
 def _hidden_utf8_pattern() -> re.Pattern[bytes]:

@@ -88,10 +88,19 @@ def inspect(
     }
     if as_json:
         print_json(doc)
-    else:
-        write_key_values(doc | {"scopes": ",".join(info.scopes), "caveats": ""}, sys.stdout)
-        for caveat in info.caveats:
-            sys.stdout.write(f"  {caveat}\n")
+        return
+    # A token of unknown origin: every field it carries is shown visibly, one line each.
+    from towerctl.sanitize import one_line
+
+    shown = doc | {
+        "location": one_line(info.location),
+        "identifier": one_line(info.identifier),
+        "scopes": ",".join(info.scopes),
+        "caveats": "",
+    }
+    write_key_values(shown, sys.stdout)
+    for caveat in info.caveats:
+        sys.stdout.write(f"  {one_line(caveat)}\n")
 
 
 @app.command("verify")
