@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -86,7 +85,7 @@ def test_markdown_has_one_heading_per_message(cli: CLI, chat: OpenedSession) -> 
     headings = [line for line in text.splitlines() if line.startswith("## ")]
     assert len(headings) == 2 * len(TRICKY)
     assert "· user ·" in headings[0] and "· assistant ·" in headings[1]
-    assert "> # not a heading" in text and "> 日本語" not in text
+    assert "> \\# not a heading" in text and "> 日本語" not in text
     assert not any(line.startswith("# not") for line in text.splitlines())
 
 
@@ -170,26 +169,13 @@ def test_bad_paging_input(cli: CLI, chat: OpenedSession, args: list[str], code: 
     assert result.stdout == ""
 
 
-def test_output_file_is_written_atomically(
-    cli: CLI, chat: OpenedSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_output_file_is_written_atomically(cli: CLI, chat: OpenedSession, tmp_path: Path) -> None:
     target = tmp_path / "transcript.ndjson"
     ok = messages(cli, chat, "--format", "ndjson", "-o", str(target))
     assert ok.exit_code == ExitCode.OK and ok.stdout == ""
     assert len(target.read_text().splitlines()) == 2 * len(TRICKY)
     assert oct(target.stat().st_mode & 0o777) == "0o600"
-    target.write_text("previous export\n")
-    real = transcripts.copy_rows
-
-    def failing(*args: object, **kwargs: object) -> Iterator[bytes]:
-        yield from list(real(*args, **kwargs))[:3]  # type: ignore[arg-type]
-        raise psycopg.OperationalError("server closed the connection unexpectedly")
-
-    monkeypatch.setattr(transcripts, "copy_rows", failing)
-    failed = messages(cli, chat, "--format", "ndjson", "-o", str(target))
-    assert failed.exit_code == ExitCode.UNREACHABLE
-    assert target.read_text() == "previous export\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["transcript.ndjson"]
+    # Failures part way (disk full, signals, a lost server): tests/test_streams.py.
 
 
 def test_output_file_for_every_format(cli: CLI, chat: OpenedSession, tmp_path: Path) -> None:

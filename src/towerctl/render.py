@@ -7,10 +7,13 @@ the caller, so tests can render into `io.StringIO`.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, Protocol, cast
 from uuid import UUID
+
+from towerctl.sanitize import for_terminal
 
 
 def iso(value: datetime | None) -> str | None:
@@ -52,70 +55,70 @@ def write_key_values(rows: Mapping[str, Any], out: IO[str]) -> None:
 
 
 # --- transcripts -------------------------------------------------------------------
+#
+# The machine formats come from PostgreSQL's COPY (see `towerctl.export`); the people
+# formats are rendered here from `transcripts.Message` values.
+
+TABLE_CELL_CHARS = 2_000  # content shown per table cell; the rest is one --format away
 
 
-def write_json_lines(rows: Iterable[bytes], out: IO[bytes], *, flush_bytes: int = 1 << 16) -> int:
-    """Lines as they come (NDJSON or CSV from COPY), written in large blocks; returns rows."""
-    buffer = bytearray()
-    count = 0
-    for row in rows:
-        buffer += row
-        count += 1
-        if len(buffer) >= flush_bytes:
-            out.write(buffer)
-            buffer.clear()
-    out.write(buffer)
-    return count
+class TextOut(Protocol):
+    """Where the people formats write: any text stream (`io.StringIO` in tests)."""
+
+    def write(self, text: str, /) -> int: ...
+
+    def flush(self) -> None: ...
 
 
-def write_transcript_json(
-    session_id: str,
-    rows: Iterable[bytes],
-    next_cursor: int | None,
-    out: IO[bytes],
-    *,
-    flush_bytes: int = 1 << 16,
-) -> int:
-    """`{"sessionId", "messages": [...], "nextCursor"}`, the array written element by element."""
-    out.write(b'{"sessionId": ' + json.dumps(session_id).encode() + b', "messages": [')
-    buffer = bytearray()
-    count = 0
-    for row in rows:
-        buffer += b",\n  " if count else b"\n  "
-        buffer += row.rstrip(b"\n")
-        count += 1
-        if len(buffer) >= flush_bytes:
-            out.write(buffer)
-            buffer.clear()
-    buffer += b"\n]" if count else b"]"
-    out.write(buffer)
-    out.write(b', "nextCursor": ' + json.dumps(next_cursor).encode() + b"}\n")
-    return count
+def shown_text(content: str) -> str:
+    """Message content for a person: Windows line ends made plain, every other hidden
+    character (escape sequences, C1, DEL, bidi, zero-width, lone CR) shown visibly."""
+    return for_terminal(content.replace("\r\n", "\n"))
 
 
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]}
+def cut_marker(more: int) -> str:
+    return f"… [cut: {more:,} more characters; use --format json]"
 
 
-def printable(text: str) -> str:
-    """Text safe to show a person on a terminal: control characters (escape sequences
-    included) are shown as `\\xNN`; newlines and tabs are kept."""
-    return text.replace("\r\n", "\n").translate(_CONTROL)
+# Characters that mean something anywhere in a Markdown line (emphasis, code, links,
+# HTML, entities, tables, strikethrough, maths), backslash-escaped wherever they are.
+_MARKDOWN_INLINE = re.compile(r"([\\`*_\[\]<>&|~$])")
+_MARKDOWN_ORDERED = re.compile(r"^(\d{1,9})([.)])")
+_ASCII_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 
-def _quote_block(content: str) -> str:
-    lines = printable(content).split("\n")
-    return "\n".join(f"> {line}" if line else ">" for line in lines)
+def markdown_text_line(line: str) -> str:
+    """One line of content as literal Markdown text: it can open no heading (ATX or
+    setext), fence, code block, list, quote, table, HTML or link, whatever it holds."""
+    body = line.lstrip(" \t")
+    indent = "".join("&#32;" if c == " " else "&#9;" for c in line[: len(line) - len(body)])
+    body = _MARKDOWN_INLINE.sub(r"\\\1", body)
+    if body[:1] in _ASCII_PUNCTUATION and body[:1] != "\\":
+        body = "\\" + body  # #, =, -, +, >, ... at the start of a line
+    else:
+        body = _MARKDOWN_ORDERED.sub(r"\1\\\2", body)  # "1. item" is no list
+    return indent + body
+
+
+def markdown_quote(content: str) -> str:
+    """The content as a block quote of literal text (hidden characters shown)."""
+    lines = shown_text(content).split("\n")
+    return "\n".join(f"> {markdown_text_line(line)}" if line else ">" for line in lines)
 
 
 def write_transcript_markdown(
-    session_id: str, messages: Iterable[Any], out: IO[str], next_cursor: int | None = None
+    session_id: str, messages: Iterable[Any], out: TextOut, next_cursor: int | None = None
 ) -> int:
-    """One heading per message, the content quoted: pastes cleanly into a ticket."""
+    """One heading per message, the content quoted: pastes cleanly into a ticket.
+
+    Only towerctl writes headings; message text is escaped so that no content can
+    forge one, open a fence or an HTML block (checked with a real parser in tests).
+    """
     out.write(f"# Transcript of session {session_id}\n")
     count = 0
     for m in messages:
         out.write(f"\n## #{m.id} · {m.role} · {iso(m.created_at)}\n\n")
-        out.write(_quote_block(m.content) + "\n")
+        out.write(markdown_quote(m.content) + "\n")
         count += 1
     if count == 0:
         out.write("\n_No messages._\n")
@@ -124,16 +127,25 @@ def write_transcript_markdown(
     return count
 
 
+def table_cell(content: str, cut: int) -> str:
+    """A table cell: hidden characters shown, a visible marker where the text was cut."""
+    shown = shown_text(content)
+    return f"{shown}{cut_marker(cut)}" if cut else shown
+
+
 def write_transcript_table(
-    messages: Iterable[Any], out: IO[str], *, color: bool, width: int, chunk: int = 500
+    messages: Iterable[Any], out: TextOut, *, color: bool, width: int, chunk: int = 500
 ) -> int:
-    """A rich table, rendered in chunks with fixed columns so huge sessions stream."""
+    """A rich table, rendered in chunks with fixed columns so huge sessions stream.
+
+    Messages arrive cut to `TABLE_CELL_CHARS` (in SQL); `m.cut` says how much was left out.
+    """
     from rich import box
     from rich.console import Console
     from rich.table import Table
 
     console = Console(
-        file=out,
+        file=cast(IO[str], out),
         width=width,
         color_system="auto" if color else None,
         no_color=not color,
@@ -156,7 +168,7 @@ def write_transcript_table(
     for m in messages:
         when = m.created_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         style = role_style.get(m.role) if color else None
-        table.add_row(str(m.id), when, m.role, printable(m.content), style=style)
+        table.add_row(str(m.id), when, m.role, table_cell(m.content, m.cut), style=style)
         rows += 1
         count += 1
         if rows >= chunk:

@@ -1,14 +1,14 @@
-"""A session's message history: pages by message id, streamed from the server.
+"""A session's message history: selections, paging and the SQL that reads them.
 
 Machine formats (json, ndjson, csv) are produced by PostgreSQL itself through
-`COPY (SELECT …) TO STDOUT`, so a million-message export streams at close to
-COPY's own speed in constant memory. The people formats (table, markdown) read
-rows through a server-side (named) cursor in chunks and are rendered here.
+`COPY (SELECT ...) TO STDOUT` (`copy_query`), so a million-message export streams
+at close to COPY's own speed in constant memory. The people formats (table,
+markdown) read rows through a server-side (named) cursor (`rows_query`). Running
+the queries, and closing what they open, is `towerctl.export`'s job.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -19,6 +19,7 @@ from towerctl.errors import BadInput, NotFound
 
 if TYPE_CHECKING:
     import psycopg
+    from psycopg import sql
 
 CHUNK_ROWS = 2_000
 ROLES = ("user", "assistant")
@@ -39,6 +40,13 @@ PAGE = "ORDER BY id LIMIT %(limit)s"
 PAGE_PROBE = f"SELECT ARRAY(SELECT id {FILTER} ORDER BY id LIMIT 2 OFFSET %(offset)s)"
 COUNT = f"SELECT count(*) FROM (SELECT 1 {FILTER} ORDER BY id LIMIT %(limit)s) t"
 CURSOR_EXISTS = "SELECT 1 FROM session_messages WHERE session_id = %s AND id = %s"
+# CSV: a content cell a spreadsheet would run as a formula (leading =, +, -, @, tab or
+# carriage return) gets a leading single quote, as OWASP advises; `--raw` turns it off.
+FORMULA_STARTS = "=+-@\t\r"
+CSV_CONTENT = (
+    "CASE WHEN left(content, 1) IN ('=', '+', '-', '@', E'\\t', E'\\r')"
+    " THEN '''' || content ELSE content END"
+)
 
 
 class Format(StrEnum):
@@ -51,11 +59,19 @@ class Format(StrEnum):
 
 @dataclass(frozen=True)
 class Message:
+    """One message; `content` may be cut (`rows_query`): `length` is its full length."""
+
     id: int
     role: str
     content: str
     session_request_id: int
     created_at: datetime
+    length: int = 0
+
+    @property
+    def cut(self) -> int:
+        """How many characters of the content were left out (0: it is whole)."""
+        return max(self.length - len(self.content), 0)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -116,37 +132,38 @@ def count(conn: psycopg.Connection, selection: Selection) -> int:
     return int(row[0]) if row else 0
 
 
-def iter_messages(conn: psycopg.Connection, selection: Selection) -> Iterator[Message]:
-    """Messages in id order through a named cursor, `CHUNK_ROWS` at a time."""
-    with conn.transaction(), conn.cursor(name="transcript") as cur:
-        cur.itersize = CHUNK_ROWS
-        cur.execute(
-            f"SELECT id, role, content, session_request_id, created_at {FILTER} {PAGE}",
-            selection.params(),
-        )
-        for row in cur:
-            yield Message(*row)
+def rows_query(cell_chars: int | None = None) -> str:
+    """Rows for the people formats through a named cursor: `content` cut to `cell_chars`
+    in SQL (None: whole) with its full `length`, so a huge message never travels whole."""
+    content = "content" if cell_chars is None else f"left(content, {int(cell_chars)})"
+    return (
+        f"SELECT id, role, {content}, session_request_id, created_at, length(content)"
+        f" {FILTER} {PAGE}"
+    )
 
 
-def copy_rows(conn: psycopg.Connection, selection: Selection, fmt: Format) -> Iterator[bytes]:
-    """Rows rendered by PostgreSQL: one JSON object per line (json, ndjson) or CSV with a header."""
+def copy_query(selection: Selection, fmt: Format, *, raw: bool = False) -> sql.Composed:
+    """`COPY (SELECT ...) TO STDOUT`: one JSON object per line (json, ndjson), or CSV
+    with a header row, formula cells neutralised unless `raw`."""
     from psycopg import sql
 
     params = {k: sql.Literal(v) for k, v in selection.params().items()}
     where = sql.SQL(FILTER.replace("%(", "{").replace(")s", "}")).format(**params)
     page = sql.SQL("ORDER BY id LIMIT {limit}").format(limit=params["limit"])
     if fmt is Format.csv:
+        content = "content" if raw else CSV_CONTENT
         columns = (
-            'id, role, content, session_request_id AS "sessionRequestId", '
-            + ISO_UTC
-            + ' AS "createdAt"'
+            f"id, role, {content} AS content, "
+            'session_request_id AS "sessionRequestId", ' + ISO_UTC + ' AS "createdAt"'
         )
         options = "FORMAT csv, HEADER"
-    else:
+    elif fmt in (Format.json, Format.ndjson):
         # CSV mode with a quote and delimiter that JSON text never contains: lines verbatim.
         columns = MESSAGE_JSON
         options = "FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02'"
-    query = sql.Composed(
+    else:
+        raise ValueError(f"the {fmt} format is not produced by COPY")
+    return sql.Composed(
         [
             sql.SQL("COPY (SELECT "),
             sql.SQL(columns),
@@ -157,6 +174,3 @@ def copy_rows(conn: psycopg.Connection, selection: Selection, fmt: Format) -> It
             sql.SQL(f") TO STDOUT WITH ({options})"),
         ]
     )
-    with conn.cursor() as cur, cur.copy(query) as copy:
-        for block in copy:
-            yield bytes(block)

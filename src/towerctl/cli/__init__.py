@@ -102,6 +102,7 @@ def run(argv: list[str] | None = None) -> int:
     sys.stdout = PipeGuard(real_stdout)
     try:
         result = app(args=argv, prog_name="towerctl", standalone_mode=False)
+        sys.stdout.flush()  # a reader gone or a full device shows here: exit 0 or 10
     except TowerError as error:
         return _fail(str(error), int(error.exit_code))
     except click.exceptions.Exit as done:

@@ -1,17 +1,62 @@
-"""Standard output that ends quietly when the reader goes away (`| head`)."""
+"""Where output goes: stdout that ends quietly when the reader goes away (`| head`),
+files written atomically (`-o`), and write failures turned into exit 10.
+
+- A reader gone (EPIPE on stdout) raises `StdoutClosed`: the CLI exits 0 at once.
+- Any other failed write (ENOSPC, EIO, and EPIPE on a file) raises `WriteFailed` (exit 10).
+- After either, stdout is pointed at /dev/null so that nothing buffered is retried at exit.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
+import stat
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from types import FrameType
 from typing import IO, Any
+
+from towerctl.errors import BadInput, WriteFailed
+
+SYMLINK_HOPS = 40  # as the kernel's own limit
 
 
 class StdoutClosed(Exception):
     """The reader of stdout closed the pipe. Not an OSError, so no layer mistakes it for one."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like KeyboardInterrupt so that the same clean-up runs (exit 143)."""
+
+
+def _silence(stream: Any) -> None:
+    """Point the stream's file descriptor at /dev/null: whatever is still buffered for a
+    reader that is gone (or a device that is full) is dropped quietly at exit."""
+    try:
+        fd = stream.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except (AttributeError, OSError, ValueError):
+        return
+    try:
+        os.dup2(devnull, fd)
+    except OSError:
+        pass
+    finally:
+        os.close(devnull)
+
+
+def _write_error(stream: Any, error: OSError) -> Exception:
+    _silence(stream)
+    if isinstance(error, BrokenPipeError):
+        return StdoutClosed()
+    return WriteFailed(f"cannot write to standard output: {error.strerror or error}")
+
+
 class PipeGuard:
-    """A thin proxy over stdout (text or its binary buffer) that turns a broken pipe
-    into `StdoutClosed`."""
+    """A thin proxy over stdout (text or its binary buffer): a broken pipe becomes
+    `StdoutClosed`, any other failed write `WriteFailed`."""
 
     def __init__(self, stream: IO[Any]) -> None:
         self._stream = stream
@@ -19,17 +64,41 @@ class PipeGuard:
     def write(self, data: Any) -> int:
         try:
             return int(self._stream.write(data))
-        except BrokenPipeError:
-            raise StdoutClosed() from None
+        except OSError as error:
+            raise _write_error(self._stream, error) from None
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            raise StdoutClosed() from None
+        except OSError as error:
+            raise _write_error(self._stream, error) from None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+class FdSink:
+    """Bytes straight to a file descriptor, unbuffered (callers write large blocks), so
+    nothing is left in a buffer when the reader goes away or the device is full."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data)
+        while view:
+            try:
+                done = os.write(self.fd, view)
+            except OSError as error:
+                raise _write_error(self, error) from None
+            view = view[done:]
+        return len(data)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def isatty(self) -> bool:
+        return os.isatty(self.fd)
 
 
 class TextSink:
@@ -41,63 +110,220 @@ class TextSink:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         return self._stream.write(bytes(data).decode("utf-8"))
 
-    def flush(self) -> None:
-        self._stream.flush()
+    def isatty(self) -> bool:
+        return bool(self._stream.isatty())
 
 
-def binary_stdout() -> PipeGuard | TextSink:
-    import sys
-
+def binary_stdout() -> FdSink | TextSink:
+    """Stdout for bytes: its file descriptor when it has one (after flushing the text layer)."""
     stream = sys.stdout
-    raw = getattr(stream, "_stream", stream)  # unwrap the text guard
-    buffer = getattr(raw, "buffer", None)
-    if buffer is not None:
-        stream.flush()
-        return PipeGuard(buffer)
-    return TextSink(stream)
+    stream.flush()
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return TextSink(stream)
+    return FdSink(fd)
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While inside, SIGTERM raises `Terminated` (like Ctrl-C raises KeyboardInterrupt)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --- -o FILE ---------------------------------------------------------------------
+
+
+def resolve_output(name: str) -> str:
+    """The real file `-o` names, or BadInput (exit 2).
+
+    Symbolic links on the way are followed only when owned by the user or by root: a
+    link planted by another user (say in a sticky /tmp) is refused. The file must be
+    a regular file (new or existing) in a folder that exists; devices and pipes
+    belong to shell redirection.
+    """
+    if not name:
+        raise BadInput("-o needs a file name")
+    path = _resolve_trusted(name, os.path.join(os.getcwd(), name))
+    if os.path.isdir(path):
+        raise BadInput(f"-o {name!r} is a folder, not a file name")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise BadInput(f"-o {name}: not a regular file (use shell redirection for devices)")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise BadInput(f"-o {name}: the folder does not exist")
+    return path
+
+
+def _resolve_trusted(name: str, path: str) -> str:
+    trusted = {0, os.geteuid()}
+    pending = [part for part in path.split("/") if part]
+    resolved, hops = "/", 0
+    while pending:
+        part = pending.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            resolved = os.path.dirname(resolved)
+            continue
+        candidate = os.path.join(resolved, part)
+        try:
+            info = os.lstat(candidate)
+        except OSError:
+            resolved = candidate  # a new name (or an unreadable one: later checks refuse)
+            continue
+        if not stat.S_ISLNK(info.st_mode):
+            resolved = candidate
+            continue
+        if info.st_uid not in trusted:
+            raise BadInput(
+                f"-o {name}: {candidate} is a symbolic link owned by another user; "
+                "refusing to write through it"
+            )
+        hops += 1
+        if hops > SYMLINK_HOPS:
+            raise BadInput(f"-o {name}: too many symbolic links")
+        target = os.readlink(candidate)
+        if target.startswith("/"):
+            resolved = "/"
+        pending = [p for p in target.split("/") if p] + pending
+    return resolved
+
+
+def remove_stale_parts(path: str) -> list[str]:
+    """Remove temporary files that an earlier export to `path` left when it was killed
+    (SIGKILL, power loss): `.<name>.<pid>.<random>.part` beside it, owned by this user,
+    a regular file, and whose pid is no running process. Returns the names removed."""
+    folder, name = os.path.split(path)
+    prefix, removed = f".{name}.", list[str]()
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        if not (entry.startswith(prefix) and entry.endswith(".part")):
+            continue
+        pid_text = entry[len(prefix) : -len(".part")].split(".", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        full = os.path.join(folder, entry)
+        try:
+            info = os.lstat(full)
+        except OSError:
+            continue
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            continue
+        if _process_exists(int(pid_text)):
+            continue
+        try:
+            os.unlink(full)
+            removed.append(entry)
+        except OSError:
+            pass
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+class FileSink:
+    """Bytes to an open file; any failed write is `WriteFailed` naming the target."""
+
+    def __init__(self, fd: int, shown: str) -> None:
+        self.fd, self.shown = fd, shown
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data)
+        while view:
+            try:
+                done = os.write(self.fd, view)
+            except OSError as error:
+                raise WriteFailed(f"cannot write {self.shown}: {error.strerror or error}") from None
+            view = view[done:]
+        return len(data)
+
+    def isatty(self) -> bool:
+        return False
 
 
 class atomic_file:
-    """Write to a temporary file beside `path`; rename over `path` only on success.
+    """Write to a temporary file beside `path`; fsync and rename over `path` only on success.
 
-    A failed or interrupted export never leaves a half file under the final name.
-    The file is created 0600: transcripts are private.
+    The temporary file is `.<name>.<pid>.<random>.part`, created 0600 (transcripts are
+    private) with O_EXCL, so it is never a link. On any failure or interruption it is
+    removed and an existing `path` stays byte-identical. `os.replace` replaces the
+    directory entry itself: it never follows a link. Leftovers of a killed export are
+    removed by the next export to the same path (`remove_stale_parts`).
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.temp: str | None = None
+        self.fd: int | None = None
 
-    def __enter__(self) -> IO[bytes]:
-        import os
-        import tempfile
-
-        from towerctl.errors import BadInput
-
-        folder = os.path.dirname(os.path.abspath(self.path))
+    def __enter__(self) -> FileSink:
+        folder, name = os.path.split(self.path)
+        remove_stale_parts(self.path)
         try:
-            fd, self.temp = tempfile.mkstemp(
-                prefix=f".{os.path.basename(self.path)}.", suffix=".part", dir=folder
+            self.fd, self.temp = tempfile.mkstemp(
+                prefix=f".{name}.{os.getpid()}.", suffix=".part", dir=folder
             )
         except OSError as error:
             raise BadInput(f"cannot write in {folder}: {error.strerror}") from None
-        self.handle = os.fdopen(fd, "wb")
-        return self.handle
+        return FileSink(self.fd, self.path)
 
     def __exit__(self, kind: object, error: object, trace: object) -> None:
-        import os
-
+        assert self.fd is not None and self.temp is not None
         try:
             if kind is None:
-                self.handle.flush()
-                os.fsync(self.handle.fileno())
-            self.handle.close()
-            if kind is None:
                 try:
+                    os.fsync(self.fd)
+                    os.close(self.fd)
+                    self.fd = None
                     os.replace(self.temp, self.path)
-                except OSError as error:
-                    from towerctl.errors import BadInput
-
-                    raise BadInput(f"cannot write {self.path}: {error.strerror}") from None
+                    self.temp = None
+                except OSError as failure:
+                    raise WriteFailed(
+                        f"cannot write {self.path}: {failure.strerror or failure}"
+                    ) from None
+                _fsync_folder(os.path.dirname(self.path))
         finally:
-            if os.path.exists(self.temp):
-                os.unlink(self.temp)
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+            if self.temp is not None:
+                with suppress(FileNotFoundError):
+                    os.unlink(self.temp)
+                self.temp = None
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename itself durable (best effort: not every file system allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
