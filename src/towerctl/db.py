@@ -6,9 +6,10 @@ where atomicity is needed, so nothing idles in a transaction.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
-from towerctl.errors import DatabaseUnreachable
+from towerctl.errors import DatabaseUnreachable, MigrationError, TowerError
 
 if TYPE_CHECKING:
     import psycopg
@@ -32,6 +33,36 @@ def describe(url: str) -> str:
 def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+def classify(error: BaseException) -> TowerError | None:
+    """The contract's error for a database failure that is not a bug in towerctl, or None.
+
+    The server went away (no SQLSTATE: the socket was lost; class 08: connection
+    exception; 57P: shutdown) is exit 8; a database without towerctl's schema is
+    exit 7; a role without the privileges towerctl needs is exit 8 with what to do.
+    """
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is None or not isinstance(error, psycopg.Error):
+        return None
+    if isinstance(error, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
+        return MigrationError("the database has no towerctl schema (run 'towerctl migrate')")
+    if isinstance(error, psycopg.errors.InsufficientPrivilege):
+        return DatabaseUnreachable(
+            f"the database role may not do this: {first_line(error)}",
+            hint="grant the role towerctl's tables, or connect as their owner",
+        )
+    if isinstance(error, psycopg.errors.ReadOnlySqlTransaction):
+        return DatabaseUnreachable(
+            "the database is read-only (a standby?): writes go to the primary",
+            hint="point --database-url / TOWER_DATABASE_URL at the primary",
+        )
+    state = getattr(error, "sqlstate", None)
+    if isinstance(error, psycopg.OperationalError) and (
+        state is None or state.startswith(("08", "57P"))
+    ):
+        return DatabaseUnreachable(f"lost the database connection: {first_line(error)}")
+    return None
 
 
 def connect(url: str, *, application_name: str = "towerctl") -> psycopg.Connection:

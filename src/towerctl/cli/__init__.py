@@ -2,37 +2,96 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+from typing import Any
 
 import click
 import typer
+import typer.core
+import typer.main
 
 from towerctl import __version__
-from towerctl.cli import db as db_cli
-from towerctl.cli import doctor as doctor_cli
-from towerctl.cli import macaroon as macaroon_cli
-from towerctl.cli import migrate as migrate_cli
-from towerctl.cli import request as _request_cli  # noqa: F401 - registers `session request`
-from towerctl.cli import session as session_cli
-from towerctl.cli import transcript as _transcript_cli  # noqa: F401 - `session messages` etc.
 from towerctl.cli.output import PipeGuard, StdoutClosed
-from towerctl.cli.state import State
+from towerctl.cli.state import State, hide_tokens
 from towerctl.errors import ExitCode, TowerError
+
+# name -> (module:attribute, one-line summary). The module is imported when the
+# command runs (Click's documented lazy loading), so `--version` and a command's
+# own work never pay for the others; the summary serves the top-level help.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "migrate": ("towerctl.cli.migrate:app", "Apply and inspect the numbered SQL migrations."),
+    "db": ("towerctl.cli.db:app", "The embedded PostgreSQL server: url, status, stop."),
+    "session": ("towerctl.cli.session:app", "Sessions: balances, requests and transcripts."),
+    "macaroon": ("towerctl.cli.macaroon:app", "Macaroons that authorise work on one session."),
+    "doctor": ("towerctl.cli.doctor:doctor", "Check the store's invariants (ledger, messages)."),
+}
+
+
+def _load(target: str, name: str) -> click.Command:
+    """The click command for `module:attribute` (a Typer app, or a function for one command)."""
+    module_name, attribute = target.split(":")
+    value: Any = getattr(importlib.import_module(module_name), attribute)
+    for extra in LOADED_WITH.get(name, ()):
+        importlib.import_module(extra)
+    # Converted under a parent with the root's settings, as `add_typer` would do.
+    holder = typer.Typer(add_completion=False, rich_markup_mode=None)
+    if isinstance(value, typer.Typer):
+        holder.add_typer(value, name=name)
+    else:
+        holder.command(name)(value)
+        holder.callback()(lambda: None)  # keep a group, so the command keeps its name
+    group = typer.main.get_command(holder)
+    assert isinstance(group, click.Group)
+    command = group.commands[name]
+    return command
+
+
+# Modules that add commands to a group when imported (`session request`, `session messages`).
+LOADED_WITH: dict[str, tuple[str, ...]] = {
+    "session": ("towerctl.cli.request", "towerctl.cli.transcript"),
+}
+
+
+class LazyGroup(typer.core.TyperGroup):
+    """The root group: sub-commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(SUBCOMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in SUBCOMMANDS:
+            self.add_command(_load(SUBCOMMANDS[cmd_name][0], cmd_name), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return click.Group.resolve_command(self, ctx, args)
+        except click.UsageError as error:
+            from difflib import get_close_matches
+
+            if args and (match := get_close_matches(args[0], self.list_commands(ctx), n=1)):
+                error.message = f"{error.message.rstrip('.')}. Did you mean {match[0]!r}?"
+            raise
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, SUBCOMMANDS[name][1]) for name in sorted(SUBCOMMANDS)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
 
 app = typer.Typer(
     name="towerctl",
+    cls=LazyGroup,
     help="The operator's command line for the Timmy Tower session store.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
     rich_markup_mode=None,
 )
-app.add_typer(migrate_cli.app, name="migrate")
-app.add_typer(db_cli.app, name="db")
-app.add_typer(session_cli.app, name="session")
-app.add_typer(macaroon_cli.app, name="macaroon")
-app.command("doctor")(doctor_cli.doctor)
 
 
 def _version(value: bool) -> None:
@@ -78,33 +137,32 @@ def _quiet_stdout() -> None:
         pass
 
 
-def _connection_lost(error: BaseException) -> bool:
-    """A psycopg error that means the server went away (not a bug in towerctl)."""
-    psycopg = sys.modules.get("psycopg")
-    if psycopg is None or not isinstance(error, psycopg.OperationalError):
-        return False
-    state = getattr(error, "sqlstate", None)
-    # No SQLSTATE: the client lost the socket. 08: connection exception. 57P: shutdown.
-    return state is None or state.startswith(("08", "57P"))
+def _one_suggestion(message: str) -> str:
+    """Typer's groups and Click may each add the same "Did you mean" sentence: keep one."""
+    head, sep, tail = message.partition(" Did you mean ")
+    return head + sep + tail.split(" Did you mean ")[0] if sep else message
 
 
-def _schema_missing(error: BaseException) -> bool:
-    psycopg = sys.modules.get("psycopg")
-    return psycopg is not None and isinstance(
-        error, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn
-    )
+def _classify(error: BaseException) -> TowerError | None:
+    """A database failure the contract names (only when psycopg was ever imported)."""
+    if "psycopg" not in sys.modules:
+        return None
+    from towerctl.db import classify
+
+    return classify(error)
 
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; the one place errors become codes."""
-    show_traceback = "--traceback" in (argv if argv is not None else sys.argv[1:])
+    args = argv if argv is not None else sys.argv[1:]
+    show_traceback = "--traceback" in args
     real_stdout = sys.stdout
     sys.stdout = PipeGuard(real_stdout)
     try:
         result = app(args=argv, prog_name="towerctl", standalone_mode=False)
         sys.stdout.flush()  # a reader gone or a full device shows here: exit 0 or 10
     except TowerError as error:
-        return _fail(str(error), int(error.exit_code))
+        return _fail(hide_tokens(str(error), args), int(error.exit_code))
     except click.exceptions.Exit as done:
         return int(done.exit_code)
     except click.exceptions.Abort:
@@ -112,22 +170,17 @@ def run(argv: list[str] | None = None) -> int:
     except click.ClickException as error:  # usage errors from the parser
         ctx = getattr(error, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        return _fail(f"{error.format_message()}{hint}", ExitCode.BAD_INPUT)
+        message = hide_tokens(_one_suggestion(error.format_message()), args, usage=True)
+        return _fail(f"{message}{hint}", ExitCode.BAD_INPUT)
     except (StdoutClosed, BrokenPipeError):
         _quiet_stdout()
         return ExitCode.OK
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except Exception as error:
-        if _schema_missing(error):
-            return _fail(
-                "the database has no towerctl schema (run 'towerctl migrate')",
-                ExitCode.MIGRATION,
-            )
-        if _connection_lost(error):
-            from towerctl.db import first_line
-
-            return _fail(f"lost the database connection: {first_line(error)}", ExitCode.UNREACHABLE)
+        known = _classify(error)
+        if known is not None:
+            return _fail(str(known), int(known.exit_code))
         if show_traceback:
             import traceback
 
