@@ -7,8 +7,9 @@ import stat
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,32 @@ def exec_agent(folder: Path, name: str, body: str) -> str:
     return f"exec:{path}"
 
 
+def completion(reply: str = "hi", usage: Any = None) -> dict[str, Any]:
+    """A chat-completions response body."""
+    return {"choices": [{"message": {"role": "assistant", "content": reply}}], "usage": usage}
+
+
+def gzip_bomb(decompressed_bytes: int) -> bytes:
+    """Gzip data that inflates to `decompressed_bytes` zeros (about 1,000 times smaller)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = bytes(1 << 20)
+    parts = [packer.compress(block) for _ in range(decompressed_bytes >> 20)]
+    return b"".join([*parts, packer.flush()])
+
+
 @contextmanager
 def openai_server(behaviour: dict[str, Any]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """A chat-completions endpoint on 127.0.0.1; yields (base URL, received request bodies)."""
+    """A chat-completions endpoint on 127.0.0.1; yields (base URL, received request bodies).
+
+    behaviour: "reply", "usage", "status", "body" (a JSON value), "delay" (seconds before
+    answering), and for misbehaving: "raw" (body bytes sent as they are), "encoding"
+    (a Content-Encoding header), "drip" (seconds between single bytes of the answer,
+    headers included), "endless" (a body of chunks that never ends; no length)."""
     received: list[dict[str, Any]] = []
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
         def log_message(self, *args: object) -> None:
             pass
 
@@ -38,27 +59,44 @@ def openai_server(behaviour: dict[str, Any]) -> Iterator[tuple[str, list[dict[st
             body["_path"] = self.path
             received.append(body)
             time.sleep(behaviour.get("delay", 0))
+            with suppress(OSError):
+                self._answer()
+
+        def _answer(self) -> None:
             status = behaviour.get("status", 200)
-            payload = behaviour.get(
-                "body",
-                {
-                    "choices": [
-                        {"message": {"role": "assistant", "content": behaviour.get("reply", "hi")}}
-                    ],
-                    "usage": behaviour.get("usage"),
-                },
-            )
-            data = json.dumps(payload).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
+            data = behaviour.get("raw")
+            if data is None:
+                payload = behaviour.get(
+                    "body", completion(behaviour.get("reply", "hi"), behaviour.get("usage"))
+                )
+                data = json.dumps(payload).encode()
+            head = [f"HTTP/1.1 {status} X", "Content-Type: application/json", "Connection: close"]
+            if "encoding" in behaviour:
+                head.append(f"Content-Encoding: {behaviour['encoding']}")
+            if behaviour.get("endless"):
+                head.append("Transfer-Encoding: chunked")
+                self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode())
+                chunk = b"x" * 65536
+                deadline = time.monotonic() + 30  # bounded: the test server stops by itself
+                while time.monotonic() < deadline:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                return
+            head.append(f"Content-Length: {len(data)}")
+            message = ("\r\n".join(head) + "\r\n\r\n").encode() + data
+            drip = behaviour.get("drip")
+            if drip is None:
+                self.wfile.write(message)
+                return
+            deadline = time.monotonic() + 30
+            for i in range(len(message)):
+                if time.monotonic() > deadline:
+                    return
+                self.wfile.write(message[i : i + 1])
+                self.wfile.flush()
+                time.sleep(drip)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

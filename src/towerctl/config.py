@@ -11,6 +11,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from towerctl import bounds
+from towerctl.bounds import Bound
 from towerctl.errors import BadInput
 
 
@@ -87,59 +89,66 @@ def macaroon_location() -> str:
     return os.environ.get("TOWER_MACAROON_LOCATION") or "timmy-tower"
 
 
-def _number(name: str, default: float, *, minimum: float = 0) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise BadInput(f"{name} must be a number, got {raw!r}") from None
-    if not value >= minimum or value != value or value in (float("inf"), float("-inf")):
-        raise BadInput(f"{name} must be a finite number >= {minimum:g}, got {raw!r}")
-    return value
+def _number(bound: Bound) -> float:
+    """An environment number within its bound's range (exit 2 naming the range otherwise)."""
+    return bound.value()
 
 
-def _whole(name: str, default: int, *, minimum: int = 0) -> int:
-    value = _number(name, default, minimum=minimum)
-    if value != int(value):
-        raise BadInput(f"{name} must be a whole number, got {os.environ.get(name)!r}")
-    return int(value)
+def _whole(bound: Bound) -> int:
+    return int(bound.value())
 
 
 @dataclass(frozen=True)
 class Pricing:
     """The cost formula's parameters (SPEC 6)."""
 
-    eval_fee_sats: int = 10
-    sats_per_1k_tokens: float = 100.0
-    margin: float = 1.4
+    eval_fee_sats: int = int(bounds.EVAL_FEE_SATS.default)
+    sats_per_1k_tokens: float = bounds.SATS_PER_1K_TOKENS.default
+    margin: float = bounds.MARGIN.default
 
     @classmethod
     def from_env(cls) -> Pricing:
         return cls(
-            eval_fee_sats=_whole("TOWER_EVAL_FEE_SATS", 10),
-            sats_per_1k_tokens=_number("TOWER_SATS_PER_1K_TOKENS", 100.0),
-            margin=_number("TOWER_MARGIN", 1.4),
+            eval_fee_sats=_whole(bounds.EVAL_FEE_SATS),
+            sats_per_1k_tokens=_number(bounds.SATS_PER_1K_TOKENS),
+            margin=_number(bounds.MARGIN),
         )
 
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Bounds on a session request and its context window."""
+    """Bounds on a session request, its context window and its agent (see `bounds`)."""
 
-    max_message_chars: int = 32_000
-    context_messages: int = 8
-    context_tokens: int = 4_000
-    busy_wait_seconds: float = 30.0
-    agent_timeout_seconds: float = 60.0
+    max_message_chars: int = int(bounds.MESSAGE_CHARS.default)
+    context_messages: int = int(bounds.CONTEXT_MESSAGES.default)
+    context_tokens: int = int(bounds.CONTEXT_TOKENS.default)
+    busy_wait_seconds: float = bounds.BUSY_WAIT_SECONDS.default
+    agent_timeout_seconds: float = bounds.AGENT_SECONDS.default
+    max_reply_chars: int = int(bounds.REPLY_CHARS.default)
 
     @classmethod
     def from_env(cls) -> RequestLimits:
         return cls(
-            max_message_chars=_whole("TOWER_MAX_MESSAGE_CHARS", 32_000, minimum=1),
-            context_messages=_whole("TOWER_CONTEXT_MESSAGES", 8),
-            context_tokens=_whole("TOWER_CONTEXT_TOKENS", 4_000),
-            busy_wait_seconds=_number("TOWER_BUSY_WAIT", 30.0),
-            agent_timeout_seconds=_number("TOWER_AGENT_TIMEOUT", 60.0, minimum=0.001),
+            max_message_chars=_whole(bounds.MESSAGE_CHARS),
+            context_messages=_whole(bounds.CONTEXT_MESSAGES),
+            context_tokens=_whole(bounds.CONTEXT_TOKENS),
+            busy_wait_seconds=_number(bounds.BUSY_WAIT_SECONDS),
+            agent_timeout_seconds=_number(bounds.AGENT_SECONDS),
+            max_reply_chars=_whole(bounds.REPLY_CHARS),
         )
+
+    @property
+    def message_stdin_bytes(self) -> int:
+        return bounds.message_stdin_bytes(self.max_message_chars)
+
+    @property
+    def batch_line_bytes(self) -> int:
+        return bounds.batch_line_bytes(self.max_message_chars)
+
+    @property
+    def reply_output_bytes(self) -> int:
+        return bounds.reply_output_bytes(self.max_reply_chars)
+
+    @property
+    def http_body_bytes(self) -> int:
+        return bounds.http_body_bytes(self.max_reply_chars)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
-from uuid import UUID
+from typing import Any
 
 import typer
 
@@ -15,27 +14,44 @@ from towerctl.cli.session import (
     app,
     authorized_session,
 )
-from towerctl.cli.state import print_json
-
-if TYPE_CHECKING:
-    import psycopg
-
-    from towerctl.agents import Agent
-    from towerctl.config import Pricing, RequestLimits
+from towerctl.cli.state import print_json, stdin_bytes
 
 
-def _read_stdin_message() -> str:
-    from towerctl.errors import BadInput
+def _reply_text(text: str) -> str:
+    """The reply as printed: exact on a pipe or file (it is data); on a terminal every
+    hidden character (escape sequences, C1, bidi overrides…) is shown visibly."""
+    from towerctl.sanitize import for_terminal
 
-    stream = getattr(sys.stdin, "buffer", None)
-    if stream is not None:
-        try:
-            text: str = bytes(stream.read()).decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadInput("the message on stdin is not valid UTF-8") from None
-    else:
-        text = str(sys.stdin.read())
-    return text[:-1] if text.endswith("\n") else text
+    return for_terminal(text) if sys.stdout.isatty() else text
+
+
+def _reader_gone() -> bool:
+    """True when stdout is a pipe whose reader has closed it (poll reports an error)."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _emit_line(doc: dict[str, Any]) -> None:
+    """One NDJSON outcome on stdout, flushed; a failed write is WriteFailed."""
+    from towerctl.cli.output import StdoutClosed
+    from towerctl.errors import WriteFailed
+    from towerctl.render import json_text
+    from towerctl.sanitize import escape_json_text
+
+    try:
+        sys.stdout.write(escape_json_text(json_text(doc, compact=True)) + "\n")
+        sys.stdout.flush()
+    except StdoutClosed:
+        raise WriteFailed("the reader of stdout went away") from None
+    except OSError as error:
+        raise WriteFailed(f"cannot write to standard output: {error.strerror}") from None
 
 
 @app.command("request")
@@ -62,13 +78,18 @@ def request(
     macaroon_file: str | None = MACAROON_FILE_OPTION,
 ) -> None:
     """Run a request on a session: the reply on stdout; exit 0, 5 (rejected) or 6 (failed)."""
-    from towerctl import requests
+    from towerctl import bounds, requests
     from towerctl.agents import agent_from_spec
     from towerctl.config import Pricing, RequestLimits
     from towerctl.errors import AgentFailed, BadInput, NotServed
 
     pricing, limits = Pricing.from_env(), RequestLimits.from_env()
-    chosen = agent_from_spec(agent, model=model, timeout=limits.agent_timeout_seconds)
+    chosen = agent_from_spec(
+        agent,
+        model=model,
+        timeout=limits.agent_timeout_seconds,
+        max_reply_chars=limits.max_reply_chars,
+    )
     reads_stdin = batch or message in (None, "-")
     if reads_stdin and macaroon_file == "-":
         raise BadInput("stdin cannot carry both the macaroon and the request")
@@ -76,9 +97,19 @@ def request(
         if message is not None or idempotency_key is not None:
             raise BadInput("--batch reads messages and keys from stdin; give neither on the line")
         conn, sid = authorized_session(ctx, session_id, macaroon, macaroon_file, "request")
-        _run_batch(conn, sid, chosen, pricing, limits)
+        lines = bounds.BoundedLines(stdin_bytes(), limits.batch_line_bytes)
+        requests.run_batch(
+            conn,
+            sid,
+            lines,
+            chosen,
+            _emit_line,
+            reader_gone=_reader_gone,
+            pricing=pricing,
+            limits=limits,
+        )
         return
-    text = message if message not in (None, "-") else _read_stdin_message()
+    text = message if message not in (None, "-") else requests.read_message(stdin_bytes(), limits)
     assert text is not None
     requests.validate_message(text, limits)
     requests.validate_idempotency_key(idempotency_key)
@@ -95,86 +126,8 @@ def request(
     if as_json:
         print_json(outcome.as_json())
     elif outcome.state == "complete":
-        sys.stdout.write((outcome.result or "") + "\n")
+        sys.stdout.write(_reply_text(outcome.result or "") + "\n")
     if outcome.state == "rejected":
         raise NotServed(f"request rejected: {outcome.reason}")
     if outcome.state == "failed":
         raise AgentFailed(f"agent failed: {outcome.error_message}")
-
-
-def _batch_item(number: int, raw: bytes) -> tuple[str, str | None] | None:
-    """(message, idempotency key) of one NDJSON line; None for a blank line."""
-    import json
-
-    from towerctl.errors import BadInput
-
-    try:
-        line = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise BadInput(f"line {number}: not valid UTF-8") from None
-    if not line:
-        return None
-    try:
-        item = json.loads(line)
-    except ValueError:
-        raise BadInput(f"line {number}: not valid JSON") from None
-    if not isinstance(item, dict) or not isinstance(item.get("message"), str):
-        raise BadInput(f'line {number}: expected an object with a "message" string')
-    key = item.get("idempotencyKey")
-    if key is not None and not isinstance(key, str):
-        raise BadInput(f"line {number}: idempotencyKey must be a string")
-    return item["message"], key
-
-
-def _run_batch(
-    conn: psycopg.Connection,
-    sid: UUID,
-    agent: Agent,
-    pricing: Pricing,
-    limits: RequestLimits,
-) -> None:
-    """One NDJSON result per input line, in order; exit with the largest code among the
-    lines (2 for a malformed line, which stops the batch after the lines before it)."""
-    from towerctl import requests
-    from towerctl.errors import BadInput, ExitCode, NotServed, error_for
-    from towerctl.render import json_text
-
-    counts = {"complete": 0, "rejected": 0, "failed": 0}
-    codes = {"complete": ExitCode.OK, "rejected": ExitCode.NOT_SERVED}
-    worst = ExitCode.OK
-    out = sys.stdout
-    stream = getattr(sys.stdin, "buffer", None)
-    lines = stream if stream is not None else (x.encode() for x in sys.stdin)
-    for number, raw in enumerate(lines, start=1):
-        try:
-            item = _batch_item(number, raw)
-            if item is None:
-                continue
-            try:
-                outcome = requests.run_request(
-                    conn,
-                    sid,
-                    item[0],
-                    agent,
-                    idempotency_key=item[1],
-                    pricing=pricing,
-                    limits=limits,
-                )
-                doc = outcome.as_json()
-                state = outcome.state
-            except NotServed as refused:  # not recorded: paused, expired, busy
-                doc = requests.unrecorded_refusal(sid, str(refused))
-                state = "rejected"
-        except BadInput as error:
-            message = str(error) if str(error).startswith("line ") else f"line {number}: {error}"
-            summary = ", ".join(f"{n} {s}" for s, n in counts.items())
-            raise error_for(
-                max(worst, ExitCode.BAD_INPUT), f"{message} (stopped; before it: {summary})"
-            ) from None
-        out.write(json_text(doc, compact=True) + "\n")
-        out.flush()
-        counts[state] += 1
-        worst = max(worst, codes.get(state, ExitCode.AGENT_FAILED))
-    if worst != ExitCode.OK:
-        summary = ", ".join(f"{n} {s}" for s, n in counts.items())
-        raise error_for(worst, f"batch: {summary}")

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
+from uuid import UUID
 
 import typer
 
 if TYPE_CHECKING:
     import psycopg
+
+TOKEN_LIKE_CHARS = 32  # shorter text is never a usable macaroon (real ones are 100+)
 
 
 @dataclass
@@ -56,27 +61,94 @@ def note(message: str) -> None:
     sys.stderr.write(message + "\n")
 
 
+def _token_text(raw: bytes, source: str) -> str:
+    """The first line of what a token source held, within the token bound."""
+    from towerctl import bounds
+    from towerctl.errors import BadInput
+
+    limit = bounds.TOKEN_BYTES.whole_value()
+    line = raw.split(b"\n", 1)[0]
+    if len(line) > limit:
+        raise BadInput(f"the macaroon from {source} is longer than {limit:,} bytes")
+    try:
+        return line.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise BadInput(f"the macaroon from {source} is not valid UTF-8") from None
+
+
+def _read_token_line(stream: IO[bytes], source: str) -> str:
+    from towerctl import bounds
+
+    # One line, at most the bound plus its newline: an endless stream is never read further.
+    return _token_text(stream.readline(bounds.TOKEN_BYTES.whole_value() + 2), source)
+
+
+def stdin_bytes() -> IO[bytes]:
+    """Standard input as bytes (a text stream put in its place, as in tests, is encoded)."""
+    import io
+
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is not None:
+        return buffer  # type: ignore[no-any-return]
+    return io.BytesIO(sys.stdin.read(1 << 24).encode("utf-8", "surrogateescape"))
+
+
 def read_token(token: str | None, token_file: str | None = None) -> str | None:
     """A macaroon from `--macaroon`, `--macaroon-file` (`-` = stdin) or TOWER_MACAROON.
 
     A TOKEN argument of `-` also reads stdin, so tokens stay out of `ps` and shell history.
+    Every source is bounded (`bounds.TOKEN_BYTES`): past it, exit 2.
     """
     import os
 
     from towerctl.errors import BadInput
 
-    if token == "-":
-        return sys.stdin.readline().strip()
+    if token == "-" or (not token and token_file == "-"):
+        return _read_token_line(stdin_bytes(), "stdin")
     if token:
-        return token
+        return _token_text(token.encode("utf-8", "surrogateescape"), "--macaroon")
     if token_file:
-        if token_file == "-":
-            return sys.stdin.readline().strip()
         try:
-            with open(token_file, encoding="utf-8") as handle:
-                return handle.readline().strip()
-        except (OSError, UnicodeDecodeError) as error:
+            with open(token_file, "rb") as handle:
+                return _read_token_line(handle, "--macaroon-file")
+        except OSError as error:
             raise BadInput(
                 f"cannot read --macaroon-file {token_file}: {type(error).__name__}"
             ) from None
-    return os.environ.get("TOWER_MACAROON") or None
+    env = os.environ.get("TOWER_MACAROON")
+    return _token_text(env.encode("utf-8", "surrogateescape"), "TOWER_MACAROON") if env else None
+
+
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_\-+/=]+")
+_TOKEN_RUN = re.compile(rf"[A-Za-z0-9_\-+/=]{{{TOKEN_LIKE_CHARS},}}")
+HIDDEN = "<hidden>"
+
+
+def token_like(value: str) -> bool:
+    """True for text that could be a macaroon: a long run of base64/base64url characters
+    that is neither a session id (UUID) nor a path."""
+    if len(value) < TOKEN_LIKE_CHARS or value[0] in "/.~" or not _TOKEN_CHARS.fullmatch(value):
+        return False
+    try:
+        UUID(value)
+    except ValueError:
+        return True
+    return False
+
+
+def hide_tokens(message: str, argv: Sequence[str], *, usage: bool = False) -> str:
+    """`message` with every command-line value that could be a token replaced by
+    `<hidden>`: a token misplaced as an extra argument or as another option's value is
+    never echoed back. For usage errors (`usage`), any long token-like run is hidden too."""
+    values = set()
+    for arg in argv:
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+        if token_like(value):
+            values.add(value)
+    for value in sorted(values, key=len, reverse=True):
+        message = message.replace(value, HIDDEN)
+    if usage:
+        message = _TOKEN_RUN.sub(
+            lambda m: m.group() if not token_like(m.group()) else HIDDEN, message
+        )
+    return message
