@@ -74,7 +74,8 @@ class LazyGroup(typer.core.TyperGroup):
             from difflib import get_close_matches
 
             if args and (match := get_close_matches(args[0], self.list_commands(ctx), n=1)):
-                error.message = f"{error.message.rstrip('.')}. Did you mean {match[0]!r}?"
+                hint = f"{error.format_message().rstrip('.')}. Did you mean {match[0]!r}?"
+                raise click.UsageError(hint, ctx) from None
             raise
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

@@ -6,11 +6,13 @@ A TOKEN argument of `-` reads the token from stdin.
 from __future__ import annotations
 
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
 
 import typer
 
-from towerctl.cli.state import connect, note, print_json
+from towerctl.cli.params import DURATION, SESSION_ID, session_id_argument
+from towerctl.cli.state import connect, note, print_json, read_token
 
 app = typer.Typer(help="Macaroons that authorise work on one session.", no_args_is_help=True)
 
@@ -22,7 +24,7 @@ def _token(value: str) -> str:
     (say, an unset shell variable) must not act on TOWER_MACAROON's token."""
     from towerctl.errors import Unauthorized
 
-    token = sys.stdin.readline().strip() if value == "-" else value.strip()
+    token = (read_token("-") or "") if value == "-" else value.strip()
     if not token:
         raise Unauthorized("no macaroon given")
     return token
@@ -41,19 +43,18 @@ def _scopes(text: str) -> tuple[str, ...]:
 @app.command("mint")
 def mint(
     ctx: typer.Context,
-    session_id: str = typer.Argument(..., metavar="SESSION_ID"),
+    session_id: UUID = session_id_argument("SESSION_ID"),
     scope: str = typer.Option("read,request", "--scope", help="Comma-separated: read, request."),
-    ttl: str = typer.Option("24h", "--ttl", help="Lifetime: 90s, 15m, 24h, 7d."),
+    lifetime: timedelta = typer.Option(
+        "24h", "--ttl", click_type=DURATION, help="Lifetime: 90s, 15m, 24h, 7d."
+    ),
 ) -> None:
     """Mint a macaroon for one session; prints the token alone."""
     from towerctl import config, keys, macaroons, sessions
-    from towerctl.units import parse_duration, parse_session_id
 
-    sid = parse_session_id(session_id)
     scopes = _scopes(scope)
-    lifetime = parse_duration(ttl)
     ring = keys.load_ring()
-    session = sessions.get_session(connect(ctx), sid)
+    session = sessions.get_session(connect(ctx), session_id)
     token = macaroons.mint(
         ring,
         session.id,
@@ -107,15 +108,16 @@ def inspect(
 def verify(
     ctx: typer.Context,
     token: str = TOKEN,
-    session: str | None = typer.Option(None, "--session", help="Require this session."),
+    session: UUID | None = typer.Option(
+        None, "--session", click_type=SESSION_ID, help="Require this session."
+    ),
     scope: str | None = typer.Option(None, "--scope", help="Require this scope."),
 ) -> None:
     """Check a token: signature, caveats, expiry, revocation (exit 3 when it fails)."""
     from towerctl import auth, keys
     from towerctl.render import iso
-    from towerctl.units import parse_session_id
 
-    sid = str(parse_session_id(session)) if session else None
+    sid = str(session) if session else None
     required = None
     if scope is not None:
         wanted = _scopes(scope)
@@ -137,15 +139,16 @@ def verify(
 def attenuate(
     token: str = TOKEN,
     scope: str | None = typer.Option(None, "--scope", help="Narrow to these scopes."),
-    ttl: str | None = typer.Option(None, "--ttl", help="Expire sooner: 90s, 15m, 24h, 7d."),
+    ttl: timedelta | None = typer.Option(
+        None, "--ttl", click_type=DURATION, help="Expire sooner: 90s, 15m, 24h, 7d."
+    ),
 ) -> None:
     """Add narrowing caveats (no root key needed); prints the new token alone."""
     from towerctl import macaroons
     from towerctl.errors import BadInput, Unauthorized
-    from towerctl.units import parse_duration
 
     scopes = _scopes(scope) if scope else None
-    expires = datetime.now(UTC) + parse_duration(ttl) if ttl else None
+    expires = datetime.now(UTC) + ttl if ttl else None
     if scopes is None and expires is None:
         raise BadInput("give --scope and/or --ttl to narrow the token")
     try:

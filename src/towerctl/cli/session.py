@@ -6,9 +6,12 @@ import sys
 from typing import TYPE_CHECKING
 from uuid import UUID
 
+import click
 import typer
 
+from towerctl.cli.params import JSON_OPTION, SESSION_ID, sats_option, session_id_argument
 from towerctl.cli.state import connect, print_json
+from towerctl.sessions import STATES
 
 if TYPE_CHECKING:
     import psycopg
@@ -18,7 +21,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="Sessions: balances, requests and transcripts.", no_args_is_help=True)
 
-JSON_OPTION = typer.Option(False, "--json", help="Print JSON.")
+__all__ = ["JSON_OPTION", "SESSION_ID", "app", "authorized_session"]
 
 
 def _show(session: Session, as_json: bool, extra: dict[str, str] | None = None) -> None:
@@ -34,18 +37,16 @@ def _show(session: Session, as_json: bool, extra: dict[str, str] | None = None) 
 @app.command("open")
 def open_(
     ctx: typer.Context,
-    deposit: int = typer.Option(..., "--deposit", help="Sats to deposit (1 to 100,000,000)."),
+    deposit: int = sats_option("--deposit", "Sats to deposit"),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Open an active session holding DEPOSIT sats; print its id and a read,request macaroon."""
     from datetime import UTC, datetime, timedelta
 
     from towerctl import config, keys, macaroons, sessions
-    from towerctl.units import parse_sats
 
-    sats = parse_sats(deposit, "--deposit")
     ring = keys.load_ring()
-    session = sessions.open_session(connect(ctx), sats)
+    session = sessions.open_session(connect(ctx), deposit)
     token = macaroons.mint(
         ring,
         session.id,
@@ -59,23 +60,27 @@ def open_(
 @app.command("show")
 def show(
     ctx: typer.Context,
-    session_id: str = typer.Argument(..., metavar="ID"),
+    session_id: UUID = session_id_argument(),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show one session: state, balance, expiry."""
     from towerctl import sessions
-    from towerctl.units import parse_session_id
 
-    _show(sessions.get_session(connect(ctx), parse_session_id(session_id)), as_json)
+    _show(sessions.get_session(connect(ctx), session_id), as_json)
 
 
 @app.command("list")
 def list_(
     ctx: typer.Context,
     state: str | None = typer.Option(
-        None, "--state", help="awaiting_payment, active, paused or expired."
+        None, "--state", click_type=click.Choice(STATES), help="Only sessions in this state."
     ),
-    limit: int = typer.Option(50, "--limit", help="At most this many (newest first)."),
+    limit: int = typer.Option(
+        50,
+        "--limit",
+        click_type=click.IntRange(1, 10_000),
+        help="At most this many (newest first).",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """List sessions, newest first."""
@@ -95,17 +100,14 @@ def list_(
 @app.command("topup")
 def topup(
     ctx: typer.Context,
-    session_id: str = typer.Argument(..., metavar="ID"),
-    sats: int = typer.Option(..., "--sats", help="Sats to add (1 to 100,000,000)."),
+    session_id: UUID = session_id_argument(),
+    sats: int = sats_option("--sats", "Sats to add"),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Add sats to a session; a paused session becomes active. Expired sessions take nothing."""
     from towerctl import sessions
-    from towerctl.units import parse_sats, parse_session_id
 
-    sid = parse_session_id(session_id)
-    amount = parse_sats(sats, "--sats")
-    _show(sessions.top_up(connect(ctx), sid, amount), as_json)
+    _show(sessions.top_up(connect(ctx), session_id, sats), as_json)
 
 
 MACAROON_OPTION = typer.Option(
@@ -123,14 +125,18 @@ MACAROON_FILE_OPTION = typer.Option(
 
 
 def authorized_session(
-    ctx: typer.Context, session_id: str, token: str | None, token_file: str | None, scope: str
+    ctx: typer.Context,
+    session_id: str | UUID,
+    token: str | None,
+    token_file: str | None,
+    scope: str,
 ) -> tuple[psycopg.Connection, UUID]:
     """(connection, session UUID) once the macaroon authorises `scope` on the session."""
     from towerctl import auth, keys
     from towerctl.cli.state import read_token
     from towerctl.units import parse_session_id
 
-    sid = parse_session_id(session_id)
+    sid = session_id if isinstance(session_id, UUID) else parse_session_id(session_id)
     macaroon = read_token(token, token_file)
     conn = connect(ctx)
     auth.authorize(conn, keys.load_ring(), macaroon, session_id=str(sid), scope=scope)
