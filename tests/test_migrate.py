@@ -26,7 +26,7 @@ def tables(url: str) -> set[str]:
         rows = c.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
         ).fetchall()
-    return {r[0] for r in rows}
+    return {r[0] for r in rows if not r[0].startswith("tower_schema_migration")}
 
 
 def ledger_versions(url: str) -> list[int]:
@@ -105,7 +105,7 @@ def test_no_transaction_file_builds_index_concurrently(
     write(
         folder,
         "0002_idx.sql",
-        "-- towerctl:no-transaction\nCREATE INDEX CONCURRENTLY t_id_idx ON t (id);\n",
+        "-- towerctl:no-transaction\nCREATE INDEX CONCURRENTLY IF NOT EXISTS t_id_idx ON t (id);\n",
     )
     result = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
     assert result.exit_code == ExitCode.OK, result.stderr
@@ -205,7 +205,7 @@ def test_dry_run_and_to(cli: CLI, empty_db_url: str, tmp_path: Path) -> None:
     assert upto.exit_code == ExitCode.OK
     assert ledger_versions(empty_db_url) == [1, 2]
     bad = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder), "--to", "9")
-    assert bad.exit_code == ExitCode.MIGRATION
+    assert bad.exit_code == ExitCode.BAD_INPUT
 
 
 def test_baseline_records_without_running(cli: CLI, empty_db_url: str, tmp_path: Path) -> None:
@@ -217,9 +217,9 @@ def test_baseline_records_without_running(cli: CLI, empty_db_url: str, tmp_path:
         "--database-url", empty_db_url, "migrate", "baseline", "--dir", str(folder), "--to", "2"
     )
     assert result.exit_code == ExitCode.OK, result.stderr
-    assert tables(empty_db_url) == {"tower_schema_migrations"}
+    assert tables(empty_db_url) == set()
     assert cli("--database-url", empty_db_url, "migrate", "--dir", str(folder)).exit_code == 0
-    assert tables(empty_db_url) == {"tower_schema_migrations", "c"}
+    assert tables(empty_db_url) == {"c"}
 
 
 def test_lock_timeout_exits_7(cli: CLI, empty_db_url: str) -> None:
@@ -277,7 +277,7 @@ def test_dir_with_odd_files(cli: CLI, empty_db_url: str, tmp_path: Path) -> None
     result = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
     assert result.exit_code == ExitCode.MIGRATION
     missing = cli("--database-url", empty_db_url, "migrate", "--dir", str(tmp_path / "none"))
-    assert missing.exit_code == ExitCode.MIGRATION
+    assert missing.exit_code == ExitCode.BAD_INPUT
     assert tables(empty_db_url) == set()
 
 
@@ -349,7 +349,7 @@ def test_transaction_control_in_a_file_is_refused_before_running(
     result = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
     assert result.exit_code == ExitCode.MIGRATION
     assert "0001_a.sql, line 2" in result.stderr and "transaction control" in result.stderr
-    assert tables(empty_db_url) == {"tower_schema_migrations"}
+    assert tables(empty_db_url) == set()
 
 
 def test_lock_timeout_zero_fails_at_once_and_bounds_are_checked(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from towerctl.errors import MigrationError
+from towerctl.errors import BadInput, MigrationError
 from towerctl.migrations import (
     AppliedMigration,
     Migration,
@@ -42,7 +42,7 @@ def test_target_stops_at_version() -> None:
 
 
 def test_unknown_target_is_refused() -> None:
-    with pytest.raises(MigrationError, match="--to 7"):
+    with pytest.raises(BadInput, match="--to 7"):
         plan_migrations([mig(1)], [], target=7)
 
 
@@ -118,5 +118,5 @@ def test_discover_refuses_non_utf8(tmp_path: Path) -> None:
 
 
 def test_discover_refuses_missing_folder(tmp_path: Path) -> None:
-    with pytest.raises(MigrationError, match="not found"):
+    with pytest.raises(BadInput, match="not found"):
         discover(tmp_path / "nope")

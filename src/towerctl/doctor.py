@@ -133,7 +133,9 @@ def _migrations_check(conn: psycopg.Connection, directory: Path) -> Check:
     except Exception as error:
         return Check("migrations_match_files", False, str(error))
     states = migrations.status(files, migrations.read_ledger(conn))
-    bad = [f"{s.version} {s.state}" for s in states if s.state in ("changed", "missing")]
+    bad = [
+        f"{s.version} {s.state}" for s in states if s.state in ("changed", "missing", "duplicate")
+    ]
     pending = [s.version for s in states if s.state == "pending"]
     if bad:
         return Check("migrations_match_files", False, ", ".join(bad))

@@ -1,113 +1,148 @@
-"""Split a SQL script into statements, each with the line it starts on.
+"""A migration file's statements, as PostgreSQL's own grammar finds them.
 
-Understands the lexical parts of PostgreSQL that can hide a semicolon: quoted
-strings ('…', E'…' with backslash escapes), quoted identifiers, dollar-quoted
-bodies ($$…$$, $tag$…$tag$), line comments and nested block comments.
-`BEGIN ATOMIC … END` function bodies are not supported: use a dollar-quoted body.
+libpg_query (through pglast) is the server's parser compiled as a library, so
+towerctl and the server never disagree on where a statement ends, what kind of
+statement it is, or whether it controls the transaction. pglast reports
+locations in characters (it converts libpg_query's byte offsets).
 """
 
 from __future__ import annotations
 
-import re
+import json
 from dataclasses import dataclass
+from typing import Any
 
-_DOLLAR_TAG = re.compile(r"\$([A-Za-z_\x80-\uffff][A-Za-z_0-9\x80-\uffff]*)?\$")
+from pglast import ast, parser
+
+# Statements PostgreSQL refuses inside a transaction block: a transactional file
+# holding one would fail at run time, so it is refused before anything runs.
+_NEEDS_NO_TRANSACTION = (
+    ast.VacuumStmt,
+    ast.CreatedbStmt,
+    ast.DropdbStmt,
+    ast.AlterSystemStmt,
+    ast.CreateTableSpaceStmt,
+    ast.DropTableSpaceStmt,
+)
+_LOCATION_KEYS = frozenset({"location", "stmt_location", "stmt_len"})
 
 
 @dataclass(frozen=True)
 class Statement:
     text: str
-    line: int  # 1-based line of the statement's first character in the script
+    line: int  # 1-based line of the statement's first token in the script
+    kind: str  # the parse node's name: "CreateStmt", "TransactionStmt", ...
+    node: Any = None  # the pglast node (for the checks below)
 
     def line_of(self, position: int) -> int:
         """The script line of a 1-based character position within this statement."""
         return self.line + self.text[: max(position - 1, 0)].count("\n")
 
 
-class UnterminatedSQL(ValueError):
-    def __init__(self, what: str, line: int) -> None:
-        super().__init__(f"unterminated {what} starting at line {line}")
+class SQLSyntaxError(ValueError):
+    """The grammar refused the script; `line` is where (1-based)."""
+
+    def __init__(self, message: str, line: int) -> None:
+        super().__init__(message)
         self.line = line
 
 
-def _is_ident_char(ch: str) -> bool:
-    return ch.isalnum() or ch == "_" or ch == "$"
+def parser_version() -> str:
+    major, minor = parser.get_postgresql_version()
+    return f"{major}.{minor}"
 
 
-def split_statements(script: str) -> list[Statement]:
+def parse_script(script: str) -> list[Statement]:
+    """Every statement of `script` with its first line; raises `SQLSyntaxError`."""
+    try:
+        raw = parser.parse_sql(script)
+    except parser.ParseError as error:
+        message = str(error.args[0]) if error.args else str(error)
+        index = error.args[1] if len(error.args) > 1 and isinstance(error.args[1], int) else 0
+        raise SQLSyntaxError(message, script.count("\n", 0, max(index, 0)) + 1) from None
     statements: list[Statement] = []
-    i, n = 0, len(script)
-    start: int | None = None
-
-    def line_at(index: int) -> int:
-        return script.count("\n", 0, index) + 1
-
-    while i < n:
-        ch = script[i]
-        nxt = script[i + 1] if i + 1 < n else ""
-        if ch == "-" and nxt == "-":
-            end = script.find("\n", i)
-            i = n if end == -1 else end + 1
-            continue
-        if ch == "/" and nxt == "*":
-            depth, j = 1, i + 2
-            while j < n and depth:
-                if script.startswith("/*", j):
-                    depth, j = depth + 1, j + 2
-                elif script.startswith("*/", j):
-                    depth, j = depth - 1, j + 2
-                else:
-                    j += 1
-            if depth:
-                raise UnterminatedSQL("block comment", line_at(i))
-            i = j
-            continue
-        if ch.isspace():
-            i += 1
-            continue
-        if ch == ";":
-            if start is not None:
-                statements.append(Statement(script[start:i].rstrip(), line_at(start)))
-            start = None
-            i += 1
-            continue
-        if start is None:
-            start = i
-        if ch == "'":
-            escapes = (
-                i > 0 and script[i - 1] in "eE" and (i < 2 or not _is_ident_char(script[i - 2]))
-            )
-            i = _skip_quoted(script, i, "'", escapes, "string")
-            continue
-        if ch == '"':
-            i = _skip_quoted(script, i, '"', False, "quoted identifier")
-            continue
-        if ch == "$" and (i == 0 or not _is_ident_char(script[i - 1])):
-            match = _DOLLAR_TAG.match(script, i)
-            if match:
-                tag = match.group(0)
-                end = script.find(tag, match.end())
-                if end == -1:
-                    raise UnterminatedSQL("dollar-quoted string", line_at(i))
-                i = end + len(tag)
-                continue
-        i += 1
-    if start is not None and script[start:].strip():
-        statements.append(Statement(script[start:].rstrip(), line_at(start)))
+    for item in raw:
+        start = item.stmt_location or 0
+        end = start + item.stmt_len if item.stmt_len else len(script)
+        text = script[start:end].strip()
+        # stmt_location points at the statement's first token (comments before it skipped).
+        lead = len(script[start:end]) - len(script[start:end].lstrip())
+        line = script.count("\n", 0, start + lead) + 1
+        statements.append(Statement(text, line, type(item.stmt).__name__, item.stmt))
     return statements
 
 
-def _skip_quoted(script: str, i: int, quote: str, escapes: bool, what: str) -> int:
-    j, n = i + 1, len(script)
-    while j < n:
-        c = script[j]
-        if escapes and c == "\\":
-            j += 2
-            continue
-        if c == quote:
-            if j + 1 < n and script[j + 1] == quote:
-                j += 2
-                continue
-            return j + 1
-        j += 1
-    raise UnterminatedSQL(what, script.count("\n", 0, i) + 1)
+def is_transaction_control(statement: Statement) -> bool:
+    return isinstance(statement.node, ast.TransactionStmt)
+
+
+def copy_with_client(statement: Statement) -> str | None:
+    """'FROM STDIN' / 'TO STDOUT' when a COPY needs the client's data stream."""
+    node = statement.node
+    if isinstance(node, ast.CopyStmt) and node.filename is None and not node.is_program:
+        return "FROM STDIN" if node.is_from else "TO STDOUT"
+    return None
+
+
+def needs_no_transaction(statement: Statement) -> bool:
+    """Whether PostgreSQL refuses this statement inside a transaction block."""
+    node = statement.node
+    if isinstance(node, _NEEDS_NO_TRANSACTION):
+        return True
+    if isinstance(node, ast.IndexStmt | ast.DropStmt):
+        return bool(node.concurrent)
+    if isinstance(node, ast.ReindexStmt):
+        return _has_option(node.params, "concurrently")
+    return False
+
+
+def _has_option(params: Any, name: str) -> bool:
+    for item in params or ():
+        if isinstance(item, ast.DefElem) and item.defname == name:
+            return item.arg is None or str(getattr(item.arg, "sval", "true")) != "false"
+    return False
+
+
+def rerunnable(statement: Statement) -> bool:
+    """Whether running the statement a second time changes nothing more than the first did:
+    the rule for no-transaction files, whose failures cannot be rolled back."""
+    node = statement.node
+    if isinstance(node, ast.IndexStmt):
+        return bool(node.concurrent and node.if_not_exists)
+    if isinstance(node, ast.DropStmt):
+        return bool(node.concurrent and node.missing_ok)
+    if isinstance(node, ast.ReindexStmt):
+        return _has_option(node.params, "concurrently")
+    if isinstance(node, ast.VacuumStmt):
+        return True
+    if isinstance(node, ast.AlterEnumStmt):
+        return bool(node.newVal and node.skipIfNewValExists)
+    if isinstance(node, ast.SelectStmt):
+        return node.intoClause is None and not node.lockingClause and not _writes(node)
+    return False
+
+
+def _writes(select: ast.SelectStmt) -> bool:
+    ctes = select.withClause.ctes if select.withClause else ()
+    return any(
+        isinstance(cte, ast.CommonTableExpr) and not isinstance(cte.ctequery, ast.SelectStmt)
+        for cte in ctes or ()
+    )
+
+
+def parse_tree(script: str) -> list[Any]:
+    """The parse tree of `script` without source locations: equal for two scripts exactly when
+    PostgreSQL reads the same statements from both (comments, whitespace, keyword case aside)."""
+    try:
+        tree = json.loads(parser.parse_sql_json(script))
+    except parser.ParseError as error:
+        raise SQLSyntaxError(str(error.args[0]) if error.args else str(error), 1) from None
+    return [_strip_locations(item["stmt"]) for item in tree.get("stmts", [])]
+
+
+def _strip_locations(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_locations(v) for k, v in value.items() if k not in _LOCATION_KEYS}
+    if isinstance(value, list):
+        return [_strip_locations(v) for v in value]
+    return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -10,13 +11,21 @@ from towerctl.cli.state import connect, print_json
 
 
 def doctor(
-    ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    directory: Path | None = typer.Option(
+        None,
+        "--dir",
+        help="Migrations folder to compare with the ledger [env: TOWER_MIGRATIONS_DIR]. "
+        "Default: the packaged ones.",
+        show_default=False,
+    ),
 ) -> None:
     """Check every invariant of the store; exit 9 naming what is at fault."""
     from towerctl.doctor import run_checks
     from towerctl.errors import Inconsistent
 
-    checks = run_checks(connect(ctx))
+    checks = run_checks(connect(ctx), directory)
     ok = all(c.ok for c in checks)
     if as_json:
         print_json(

@@ -1,8 +1,9 @@
-"""`towerctl migrate`: apply, inspect and baseline the numbered SQL migrations."""
+"""`towerctl migrate`: apply, inspect, baseline, create and repair the numbered SQL migrations."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,44 +22,94 @@ DIR_OPTION = typer.Option(
     help="Folder of NNNN_name.sql files [env: TOWER_MIGRATIONS_DIR]. Default: the packaged ones.",
     show_default=False,
 )
+LOCK_TIMEOUT_HELP = "Seconds to wait for another runner's lock (exit 7 after)."
 
 
-def _directory(path: Path | None) -> Path:
+@dataclass(frozen=True)
+class GroupOptions:
+    """Options given to `migrate` before a subcommand; they apply to it."""
+
+    directory: Path | None
+    dry_run: bool
+    to: int | None
+    allow_out_of_order: bool
+    lock_timeout: float | None
+
+
+def _group(ctx: typer.Context) -> GroupOptions:
+    found = ctx.meta.get("towerctl.migrate")  # meta is shared by a context and its children
+    if isinstance(found, GroupOptions):
+        return found
+    return GroupOptions(None, False, None, False, None)
+
+
+def _directory(ctx: typer.Context, path: Path | None) -> Path:
     from towerctl.migrations import default_dir
 
-    return path if path is not None else default_dir()
+    if path is not None:
+        return path
+    given = _group(ctx).directory
+    return given if given is not None else default_dir()
+
+
+def _lock_timeout(ctx: typer.Context, value: float | None) -> float:
+    if value is not None:
+        return value
+    given = _group(ctx).lock_timeout
+    return given if given is not None else 60.0
+
+
+def _refuse_group_options(ctx: typer.Context, command: str, *, to_applies: bool = False) -> None:
+    from towerctl.errors import BadInput
+
+    group = _group(ctx)
+    given = [
+        flag
+        for flag, value in (
+            ("--dry-run", group.dry_run),
+            ("--allow-out-of-order", group.allow_out_of_order),
+            ("--to", group.to is not None and not to_applies),
+        )
+        if value
+    ]
+    if given:
+        raise BadInput(f"{', '.join(given)} does not apply to 'migrate {command}'")
 
 
 @app.callback(invoke_without_command=True)
 def migrate(
     ctx: typer.Context,
     directory: Path | None = DIR_OPTION,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; change nothing."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Make every check, print the plan; change nothing."
+    ),
     to: int | None = typer.Option(None, "--to", help="Apply pending versions up to this one."),
     allow_out_of_order: bool = typer.Option(
         False, "--allow-out-of-order", help="Apply pending files below the highest applied one."
     ),
-    lock_timeout: float = typer.Option(
-        60.0, "--lock-timeout", help="Seconds to wait for another runner's lock (exit 7 after)."
+    lock_timeout: float | None = typer.Option(
+        None, "--lock-timeout", help=LOCK_TIMEOUT_HELP + " [default: 60]", show_default=False
     ),
 ) -> None:
     """Apply pending migrations, each file and its ledger row in one transaction."""
+    ctx.meta["towerctl.migrate"] = GroupOptions(
+        directory, dry_run, to, allow_out_of_order, lock_timeout
+    )
     if ctx.invoked_subcommand is not None:
         return
     from towerctl import migrations
 
-    folder = _directory(directory)
-    files = migrations.discover(folder)
+    folder = _directory(ctx, directory)
+    wait = lock_timeout if lock_timeout is not None else 60.0
+    if to is not None:
+        migrations.check_version(to, "--to")
     conn = connect(ctx)
     if dry_run:
-        plan = migrations.plan_migrations(
-            files, migrations.read_ledger(conn), target=to, allow_out_of_order=allow_out_of_order
-        )
-        if not plan.steps:
+        steps = migrations.dry_run(conn, folder, target=to, allow_out_of_order=allow_out_of_order)
+        if not steps:
             note("up to date: nothing to apply")
-        for step in plan.steps:
-            mode = "" if step.transactional else "  (no transaction)"
-            sys.stdout.write(f"would apply {step.filename}{mode}\n")
+        for line in migrations.describe_plan(steps):
+            sys.stdout.write(line + "\n")
         return
 
     def report(migration: Migration, elapsed_ms: float) -> None:
@@ -69,8 +120,9 @@ def migrate(
         folder,
         target=to,
         allow_out_of_order=allow_out_of_order,
-        lock_timeout=lock_timeout,
+        lock_timeout=wait,
         on_applied=report,
+        notify=note,
     )
     if not done:
         note("up to date: nothing to apply")
@@ -84,17 +136,21 @@ def status(
     directory: Path | None = DIR_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     check: bool = typer.Option(
-        False, "--check", help="Exit 7 when anything is pending, changed or missing."
+        False, "--check", help="Exit 7 when anything is pending, changed, missing or duplicate."
     ),
 ) -> None:
-    """Show every migration and whether it is applied, pending, changed or missing."""
+    """Show every migration and whether it is applied, pending, changed, missing or duplicate."""
     from towerctl import migrations
     from towerctl.errors import MigrationError
     from towerctl.render import iso
 
-    files = migrations.discover(_directory(directory))
+    _refuse_group_options(ctx, "status")
+    files = migrations.discover(_directory(ctx, directory))
     states = migrations.status(files, migrations.read_ledger(connect(ctx)))
     up_to_date = all(s.state == "applied" for s in states)
+    counts: dict[str, int] = {}
+    for s in states:
+        counts[s.state] = counts.get(s.state, 0) + 1
     if as_json:
         print_json(
             {
@@ -107,28 +163,38 @@ def status(
                         "checksum": s.checksum,
                         "appliedAt": s.applied_at,
                         "executionMs": None if s.execution_ms is None else round(s.execution_ms, 3),
+                        "baseline": s.baseline,
+                        "fileChecksum": s.file_checksum,
                     }
                     for s in states
                 ],
             }
         )
     else:
+        from towerctl.sanitize import for_terminal
+
+        sys.stdout.write(f"{'VERSION':>7}  {'STATE':<9} {'APPLIED AT':<25} NAME\n")
         for s in states:
             applied = iso(s.applied_at) or "-"
-            sys.stdout.write(f"{s.version:>6}  {s.state:<8} {applied:<25} {s.name}\n")
-        if not states:
-            note("no migrations found")
+            mark = "  (baseline)" if s.baseline else ""
+            name = for_terminal(s.filename or s.name)
+            sys.stdout.write(f"{s.version:>7}  {s.state:<9} {applied:<25} {name}{mark}\n")
+        order = ("applied", "pending", "changed", "missing", "duplicate")
+        summary = ", ".join(f"{counts[k]} {k}" for k in order if k in counts)
+        total = len(states)
+        sys.stdout.write(
+            f"{total} migration{'s' if total != 1 else ''}"
+            + (f": {summary}" if summary else "")
+            + (" (up to date)" if up_to_date and states else "")
+            + "\n"
+        )
     if check and not up_to_date:
-        counts: dict[str, int] = {}
-        for s in states:
-            if s.state != "applied":
-                counts[s.state] = counts.get(s.state, 0) + 1
-        summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-        only_pending = set(counts) == {"pending"}
+        bad = {k: v for k, v in counts.items() if k != "applied"}
+        summary = ", ".join(f"{n} {state}" for state, n in sorted(bad.items()))
         raise MigrationError(
             f"not up to date: {summary}",
             hint="run 'towerctl migrate'"
-            if only_pending
+            if set(bad) == {"pending"}
             else "restore the applied files as they were; add changes as new migrations",
         )
 
@@ -137,12 +203,79 @@ def status(
 def baseline(
     ctx: typer.Context,
     directory: Path | None = DIR_OPTION,
-    to: int = typer.Option(..., "--to", help="Record versions up to this one as applied."),
+    to: int | None = typer.Option(None, "--to", help="Record versions up to this one as applied."),
+    lock_timeout: float | None = typer.Option(None, "--lock-timeout", help=LOCK_TIMEOUT_HELP),
 ) -> None:
     """Record versions <= --to as applied without running them (schema made another way)."""
     from towerctl import migrations
+    from towerctl.errors import BadInput
 
-    recorded = migrations.baseline(connect(ctx), _directory(directory), to)
+    _refuse_group_options(ctx, "baseline", to_applies=True)
+    target = to if to is not None else _group(ctx).to
+    if target is None:
+        raise BadInput("migrate baseline needs --to VERSION")
+    recorded = migrations.baseline(
+        connect(ctx),
+        _directory(ctx, directory),
+        migrations.check_version(target, "--to"),
+        lock_timeout=_lock_timeout(ctx, lock_timeout),
+        notify=note,
+    )
     for m in recorded:
         note(f"recorded {m.filename} as applied (baseline)")
     note(f"baseline: {len(recorded)} version{'s' if len(recorded) != 1 else ''} recorded")
+
+
+@app.command("new")
+def new(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="What the migration does, e.g. add_session_tags."),
+    directory: Path | None = DIR_OPTION,
+) -> None:
+    """Write the next numbered, empty migration file and print its path."""
+    from towerctl import migrations
+
+    _refuse_group_options(ctx, "new")
+    path = migrations.new_file(_directory(ctx, directory), name)
+    sys.stdout.write(f"{path}\n")
+
+
+@app.command("repair")
+def repair(
+    ctx: typer.Context,
+    version: int = typer.Argument(..., help="The applied version whose file was edited."),
+    directory: Path | None = DIR_OPTION,
+    force: bool = typer.Option(
+        False, "--force", help="Accept the new checksum even if the statements changed."
+    ),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask to confirm --force."),
+    lock_timeout: float | None = typer.Option(None, "--lock-timeout", help=LOCK_TIMEOUT_HELP),
+) -> None:
+    """Accept an applied file's new checksum when the change is cosmetic (or with --force)."""
+    from towerctl import migrations
+    from towerctl.errors import BadInput
+
+    _refuse_group_options(ctx, "repair")
+    migrations.check_version(version, "version")
+    if force and not yes:
+        if not sys.stdin.isatty():
+            raise BadInput("refusing --force without --yes when not on a terminal")
+        if not typer.confirm(
+            f"Accept the file of version {version} as applied even if its statements changed?",
+            err=True,
+        ):
+            raise BadInput("not confirmed; nothing repaired")
+    done = migrations.repair(
+        connect(ctx),
+        _directory(ctx, directory),
+        version,
+        force=force,
+        lock_timeout=_lock_timeout(ctx, lock_timeout),
+        notify=note,
+    )
+    if done is None:
+        note(f"version {version} already matches its file: nothing to repair")
+    elif done.cosmetic:
+        note(f"repaired {done.migration.filename}: the change is cosmetic (same statements)")
+    else:
+        note(f"repaired {done.migration.filename} by --force: the statements changed")
