@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pwd
 import shutil
+import subprocess
 import sys
+import sysconfig
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -62,6 +65,86 @@ def server_url() -> Iterator[str]:
     finally:
         embedded.remove(home)
         shutil.rmtree(home, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class LocalUser:
+    """A second, unprivileged account of this machine (tests that run as root create it)."""
+
+    name: str
+    uid: int
+    gid: int
+    towerctl: tuple[str, ...] | None  # argv that runs towerctl as this user, when one can
+
+    def run(
+        self, *argv: str, env: dict[str, str] | None = None, umask: int = 0o022, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a program as this user: its own group only, no supplementary groups."""
+        return subprocess.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", **(env or {})},
+            umask=umask,
+            user=self.uid,
+            group=self.gid,
+            extra_groups=[],
+        )
+
+
+_TOWERCTL_AS_OTHER = (
+    "import site, sys; site.addsitedir({site!r}); sys.argv[0] = 'towerctl'; "
+    "from towerctl.cli import main; main()"
+)
+
+
+def _local_user(name: str) -> LocalUser:
+    if os.geteuid() != 0:
+        pytest.skip(
+            f"needs root to create and act as the second local user {name} "
+            f"(running as uid {os.geteuid()})"
+        )
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        options = ["--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent"]
+        subprocess.run(
+            ["useradd", *options, "--shell", "/usr/sbin/nologin", name],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        entry = pwd.getpwnam(name)
+    assert entry.pw_uid != 0 and entry.pw_gid != 0
+    user = LocalUser(entry.pw_name, entry.pw_uid, entry.pw_gid, None)
+    # This venv's interpreter may live where other users cannot reach (/root); a system
+    # Python of the same version runs towerctl from the same site-packages instead.
+    site_packages = sysconfig.get_paths()["purelib"]
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    for python in (sys.executable, f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
+        try:
+            probe = user.run(python, "-I", "-c", "import sys; print(sys.version_info[:2])")
+        except OSError:
+            continue
+        if probe.returncode == 0 and probe.stdout.strip() == str(sys.version_info[:2]):
+            code = _TOWERCTL_AS_OTHER.format(site=site_packages)
+            return LocalUser(user.name, user.uid, user.gid, (python, "-I", "-c", code))
+    return user
+
+
+@pytest.fixture(scope="session")
+def other_user() -> LocalUser:
+    """The user who must not get in: `towerctl-test-other`."""
+    return _local_user("towerctl-test-other")
+
+
+@pytest.fixture(scope="session")
+def owner_user() -> LocalUser:
+    """An unprivileged user who runs towerctl (and its embedded server) itself."""
+    return _local_user("towerctl-test-owner")
 
 
 def _admin(server_url: str) -> psycopg.Connection:

