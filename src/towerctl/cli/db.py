@@ -23,7 +23,7 @@ def url() -> None:
 
 @app.command("status")
 def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Report whether the embedded server is running, and where its data lives."""
+    """Report whether the embedded server is running, and where its data and socket live."""
     from towerctl import config, embedded
 
     pgdata = embedded.pgdata_path(config.home())
@@ -34,6 +34,8 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
         "initialized": (pgdata / "PG_VERSION").exists(),
         "pid": info.pid if info else None,
         "url": info.url if info else None,
+        "socketDir": str(info.socket_dir) if info else None,
+        "dataFolder": str(pgdata.resolve()),
     }
     if as_json:
         print_json(report)
@@ -42,6 +44,8 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
         sys.stdout.write(f"embedded server: stopped (data in {pgdata})\n")
     else:
         sys.stdout.write(f"embedded server: running, pid {info.pid}, data in {pgdata}\n")
+        if report["dataFolder"] != str(pgdata):
+            sys.stdout.write(f"data folder: {report['dataFolder']}\n")
         sys.stdout.write(f"url: {info.url}\n")
 
 
