@@ -57,6 +57,9 @@ def server_url() -> Iterator[str]:
     if explicit:
         yield explicit
         return
+    if THROUGH_PGBOUNCER:
+        yield from _server_behind_pgbouncer()
+        return
     from towerctl import embedded
 
     home = Path(tempfile.mkdtemp(prefix="towerctl-test-pg-"))
@@ -164,13 +167,39 @@ def template_db(server_url: str) -> Iterator[str]:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+# TOWER_TEST_THROUGH_PGBOUNCER=1: the suite runs against a server of its own on
+# 127.0.0.1 (tests/pgserver.py) and towerctl reaches every test database through
+# a PgBouncer in transaction mode with a small pool; the fixtures' own
+# administration (CREATE/DROP DATABASE) goes to the server directly.
+THROUGH_PGBOUNCER = os.environ.get("TOWER_TEST_THROUGH_PGBOUNCER") == "1"
+_POOLER: dict[str, int] = {}
+
+
+def _server_behind_pgbouncer() -> Iterator[str]:
+    import pgserver
+
+    bin_dir = os.environ.get("TOWER_TEST_PG_BIN")
+    with (
+        pgserver.pg_server(Path(bin_dir) if bin_dir else None) as server,
+        pgserver.pgbouncer("127.0.0.1", server.port) as bouncer,
+    ):
+        _POOLER["port"] = bouncer.port
+        try:
+            yield server.url()
+        finally:
+            _POOLER.clear()
+
+
 def _fresh_database(server_url: str, template: str | None) -> Iterator[str]:
     name = f"towerctl_t_{uuid.uuid4().hex[:12]}"
     source = f' TEMPLATE "{template}"' if template else " TEMPLATE template0"
     with _admin(server_url) as admin:
         admin.execute(f'CREATE DATABASE "{name}"{source}')
     try:
-        yield make_conninfo(server_url, dbname=name)
+        if "port" in _POOLER:
+            yield make_conninfo(server_url, dbname=name, host="127.0.0.1", port=_POOLER["port"])
+        else:
+            yield make_conninfo(server_url, dbname=name)
     finally:
         with _admin(server_url) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

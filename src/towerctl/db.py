@@ -89,6 +89,10 @@ def connect(url: str, *, application_name: str = "towerctl") -> psycopg.Connecti
             autocommit=True,
             connect_timeout=10,
             application_name=application_name,
+            # No server-side prepared statements: behind a transaction-pooling
+            # PgBouncer the next statement may land on a server connection that
+            # never saw the PREPARE (SPEC 13: no session-level features).
+            prepare_threshold=None,
         )
     except psycopg.Error as error:
         raise DatabaseUnreachable(
