@@ -45,7 +45,16 @@ def _load(target: str, name: str) -> click.Command:
     group = typer.main.get_command(holder)
     assert isinstance(group, click.Group)
     command = group.commands[name]
+    _full_summaries(command)
     return command
+
+
+def _full_summaries(command: click.Command) -> None:
+    """Help lists show each command's whole first sentence, never one cut with "..."."""
+    for sub in getattr(command, "commands", {}).values():
+        if sub.short_help is None and sub.help:
+            sub.short_help = " ".join(sub.help.strip().split("\n\n")[0].split())
+        _full_summaries(sub)
 
 
 # Modules that add commands to a group when imported (`session request`, `session messages`).
@@ -92,6 +101,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -166,6 +176,10 @@ def run(argv: list[str] | None = None) -> int:
         return _fail(hide_tokens(str(error), args), int(error.exit_code))
     except click.exceptions.Exit as done:
         return int(done.exit_code)
+    except click.exceptions.NoArgsIsHelpError as bare:
+        # `towerctl` or `towerctl session` alone: the help on stdout, exit 0 (as gh does).
+        sys.stdout.write(bare.ctx.get_help() + "\n")
+        return ExitCode.OK
     except click.exceptions.Abort:
         return _fail("aborted", 130)
     except click.ClickException as error:  # usage errors from the parser

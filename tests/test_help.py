@@ -1,0 +1,85 @@
+"""Help as gh and kubectl users expect it: bare groups print help (exit 0), `-h`
+everywhere, one suggestion per typo, whole summaries, and lazy loading that
+still lists every command."""
+
+from __future__ import annotations
+
+import click
+import pytest
+
+from conftest import CLI
+from towerctl.cli import SUBCOMMANDS, LazyGroup, app
+from towerctl.errors import ExitCode
+
+
+def every_command() -> list[tuple[str, ...]]:
+    """The command paths of the whole tree (importing every lazy sub-command)."""
+    import typer.main
+
+    root = typer.main.get_command(app)
+    assert isinstance(root, LazyGroup)
+    ctx = click.Context(root)
+    found: list[tuple[str, ...]] = []
+
+    def walk(command: click.Command, path: tuple[str, ...]) -> None:
+        found.append(path)
+        if isinstance(command, click.Group):
+            for name in command.list_commands(ctx):
+                sub = command.get_command(ctx, name)
+                assert sub is not None, name
+                walk(sub, (*path, name))
+
+    walk(root, ())
+    return found
+
+
+def test_the_tree_holds_every_documented_command() -> None:
+    paths = {" ".join(p) for p in every_command()}
+    for expected in (
+        "migrate",
+        "migrate status",
+        "db url",
+        "session open",
+        "session request",
+        "session messages",
+        "session clear-history",
+        "macaroon mint",
+        "macaroon inspect",
+        "doctor",
+    ):
+        assert expected in paths
+    assert set(SUBCOMMANDS) == {p[0] for p in every_command() if p}
+
+
+@pytest.mark.parametrize("group", [(), ("session",), ("macaroon",), ("db",)])
+def test_a_bare_group_prints_its_help_on_stdout_and_exits_0(cli: CLI, group: tuple[str]) -> None:
+    done = cli(*group)
+    assert done.exit_code == ExitCode.OK
+    assert done.stdout.startswith("Usage: towerctl") and "Commands:" in done.stdout
+    assert done.stderr == ""
+
+
+def test_dash_h_works_on_every_command(cli: CLI) -> None:
+    for path in every_command():
+        done = cli(*path, "-h")
+        assert done.exit_code == ExitCode.OK, (path, done.stderr)
+        assert done.stdout.startswith("Usage: towerctl"), path
+
+
+def test_command_lists_show_whole_summaries(cli: CLI) -> None:
+    for group in [(), ("session",), ("macaroon",), ("db",), ("migrate",)]:
+        done = cli(*group, "--help")
+        listing = done.stdout.split("Commands:", 1)[-1]
+        assert "..." not in listing, (group, listing)
+
+
+@pytest.mark.parametrize(
+    ("typo", "suggestion"),
+    [(("sesion",), "session"), (("session", "shw"), "show"), (("macaroon", "mnt"), "mint")],
+)
+def test_a_typo_gets_exactly_one_suggestion(cli: CLI, typo: tuple[str], suggestion: str) -> None:
+    done = cli(*typo)
+    assert done.exit_code == ExitCode.BAD_INPUT
+    assert done.stderr.count("Did you mean") == 1
+    assert f"Did you mean '{suggestion}'?" in done.stderr
+    assert done.stderr.count("\n") == 1
