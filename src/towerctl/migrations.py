@@ -348,7 +348,14 @@ def check_statements(migration: Migration) -> tuple[Statement, ...]:
     try:
         statements = sqlsplit.parse_script(migration.sql)
     except sqlsplit.SQLSyntaxError as error:
-        raise MigrationError(f"{name}, line {error.line}: {error}") from None
+        # psql-style COPY data after `COPY … FROM STDIN;` is what the grammar tripped on.
+        try:
+            before = sqlsplit.parse_script(migration.sql[: error.index])
+        except sqlsplit.SQLSyntaxError:
+            before = []
+        if not (before and sqlsplit.copy_with_client(before[-1])):
+            raise MigrationError(f"{name}, line {error.line}: {error}") from None
+        statements = before
     for s in statements:
         if sqlsplit.is_transaction_control(s):
             verb = s.text.split(None, 1)[0].upper() if s.text else "?"

@@ -42,9 +42,10 @@ class Statement:
 class SQLSyntaxError(ValueError):
     """The grammar refused the script; `line` is where (1-based)."""
 
-    def __init__(self, message: str, line: int) -> None:
+    def __init__(self, message: str, line: int, index: int = 0) -> None:
         super().__init__(message)
         self.line = line
+        self.index = index  # 0-based character position of the error
 
 
 def parser_version() -> str:
@@ -59,7 +60,8 @@ def parse_script(script: str) -> list[Statement]:
     except parser.ParseError as error:
         message = str(error.args[0]) if error.args else str(error)
         index = error.args[1] if len(error.args) > 1 and isinstance(error.args[1], int) else 0
-        raise SQLSyntaxError(message, script.count("\n", 0, max(index, 0)) + 1) from None
+        index = max(index, 0)
+        raise SQLSyntaxError(message, script.count("\n", 0, index) + 1, index) from None
     statements: list[Statement] = []
     for item in raw:
         start = item.stmt_location or 0

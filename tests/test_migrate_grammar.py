@@ -1,0 +1,239 @@
+"""towerctl finds statements with PostgreSQL's own grammar (pglast): checked against the server.
+
+The differential test sends each hostile script to the server as one simple query
+(the server splits it) and, separately, statement by statement as towerctl split it;
+the command tags and rows must be the same, in the same order, and towerctl's
+transaction-control findings must be exactly the statements the server ran as such.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import CLI
+from towerctl import sqlsplit
+from towerctl.errors import ExitCode
+
+# Each fragment is one statement; `{c}` marks where a comment or whitespace goes.
+FRAGMENTS = [
+    "SELECT{c} 1 AS a$$",  # `$` inside an identifier: not a dollar quote
+    "SELECT 1 AS x$z${c}, $z$;$z$ AS y",  # identifier x$z$ then a body ';'
+    "SELECT $é$;{c}$é$",  # a non-ASCII dollar tag
+    "SELECT{c} 'ü;' AS \"ñ;\"{c}",
+    "SELECT $a$ $b$ ; $b$ ; $a${c}",  # nested tags
+    "SELECT{c} E'\\';' AS e",  # backslash escape hides a quote
+    "SELECT '\\'{c} AS plain",  # standard strings: the backslash is data
+    "SELECT U&'\\0041;'{c}",
+    "SELECT U&'!0041;' UESCAPE '!'",
+    "SELECT{c} $$ -- not a comment ; $$",
+    "SELECT '/* not a comment ; */'{c}",
+    'SELECT "$$"{c} FROM (SELECT 1 AS "$$") t',
+    "SELECT $_$ $$ ; $$ $_${c}",
+    "BEGIN{c}",
+    "COMMIT{c}",
+    "ROLLBACK",
+    "START{c} TRANSACTION",
+    "END",
+]
+COMMENTS = ["", " ", "\n", "/* ; */", "/* /* ; $$ */ ' */", "-- ; $$ '\n", "/*é;*/", "\t--\n"]
+CONTROL_TAGS = {"BEGIN", "COMMIT", "ROLLBACK", "START TRANSACTION"}
+
+
+def results(cur: psycopg.Cursor[Any]) -> list[tuple[str, Any]]:
+    out = []
+    while True:
+        out.append((cur.statusmessage or "", cur.fetchall() if cur.description else None))
+        if not cur.nextset():
+            return out
+
+
+@st.composite
+def scripts(draw: st.DrawFn) -> str:
+    parts = draw(st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=6))
+    pieces = [draw(st.sampled_from(COMMENTS))]
+    for part in parts:
+        while "{c}" in part:
+            part = part.replace("{c}", draw(st.sampled_from(COMMENTS)), 1)
+        pieces.append(part + draw(st.sampled_from(["", " ", "\n", "/*;*/"])) + ";")
+        pieces.append(draw(st.sampled_from(COMMENTS)))
+    if draw(st.booleans()):
+        pieces[-1] = pieces[-1].rstrip(";")
+    return "".join(pieces)
+
+
+@pytest.mark.timeout(240)
+@settings(
+    max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(script=scripts())
+def test_statements_match_what_the_server_runs(empty_db_url: str, script: str) -> None:
+    with psycopg.connect(empty_db_url, autocommit=True) as whole, whole.cursor() as cur:
+        cur.execute(script)  # no parameters: one simple query, split by the server
+        server = results(cur)
+        whole.execute("ROLLBACK")
+    ours = sqlsplit.parse_script(script)
+    split: list[tuple[str, Any]] = []
+    with psycopg.connect(empty_db_url, autocommit=True) as single, single.cursor() as cur:
+        for statement in ours:
+            cur.execute(statement.text)
+            split.extend(results(cur))
+        single.execute("ROLLBACK")
+    assert split == server, script
+    control = [i for i, s in enumerate(ours) if sqlsplit.is_transaction_control(s)]
+    assert control == [i for i, (tag, _) in enumerate(server) if tag in CONTROL_TAGS], script
+
+
+def test_lines_are_those_of_the_first_token() -> None:
+    script = "-- lead\n/* x\n */ SELECT 'é;'\n;\n\n  CREATE TABLE t (\n id int);\nSELECT 2"
+    got = [(s.line, s.kind) for s in sqlsplit.parse_script(script)]
+    assert got == [(3, "SelectStmt"), (6, "CreateStmt"), (8, "SelectStmt")]
+
+
+def test_cosmetic_edits_keep_the_parse_tree() -> None:
+    a = sqlsplit.parse_tree("CREATE TABLE t (id int); -- hi\nselect 1;")
+    b = sqlsplit.parse_tree("/* new */ create   table T (\n  ID INT\n);\nSELECT 1")
+    assert a == b
+    assert a != sqlsplit.parse_tree("CREATE TABLE t (id bigint); SELECT 1;")
+    assert a != sqlsplit.parse_tree('CREATE TABLE "T" (id int); SELECT 1;')
+    assert a != sqlsplit.parse_tree("CREATE TABLE t (id int); SELECT 2;")
+
+
+# --- files, as the operator meets them ------------------------------------------
+
+
+def write(folder: Path, name: str, body: str | bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    if isinstance(body, bytes):
+        path.write_bytes(body)
+    else:
+        path.write_text(body)
+    return path
+
+
+def user_tables(url: str) -> set[str]:
+    with psycopg.connect(url) as c:
+        rows = c.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+        ).fetchall()
+    return {r[0] for r in rows if not r[0].startswith("tower_schema_migration")}
+
+
+def run(cli: CLI, url: str, folder: Path, *args: str) -> Any:
+    return cli("--database-url", url, "migrate", "--dir", str(folder), *args)
+
+
+@pytest.mark.timeout(60)
+def test_commit_hidden_from_a_hand_lexer_is_refused_before_anything_runs(
+    cli: CLI, empty_db_url: str, tmp_path: Path
+) -> None:
+    # A hand lexer reading `x$z$` as the start of a dollar body sees one statement here;
+    # PostgreSQL sees three, the second a COMMIT.
+    folder = tmp_path / "sql"
+    write(folder, "0001_ok.sql", "CREATE TABLE ok (id int);\n")
+    write(
+        folder,
+        "0002_sneaky.sql",
+        "CREATE TABLE one (x$z$ int);\nCOMMIT;\n"
+        "CREATE TABLE two (id int, c text DEFAULT $z$ $z$);\n",
+    )
+    for args in ((), ("--dry-run",)):
+        result = run(cli, empty_db_url, folder, *args)
+        assert result.exit_code == ExitCode.MIGRATION, result.stderr
+        assert "0002_sneaky.sql, line 2: transaction control (COMMIT)" in result.stderr
+    assert user_tables(empty_db_url) == set()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("body", "line", "words"),
+    [
+        ("CREATE TABLE a (id int);\nCOPY a FROM STDIN;\n1\n\\.\n", 2, "COPY … FROM STDIN"),
+        ("CREATE TABLE a (id int);\n\nCREATE TABEL b (id int);\n", 3, "syntax error"),
+        ("CREATE TABLE a (id int);\nSELECT $$ never closed;\n", 2, "unterminated"),
+        ("CREATE TABLE a (id int);\nVACUUM a;\n", 2, "cannot run inside a transaction"),
+    ],
+)
+def test_files_the_server_cannot_run_are_refused_with_file_and_line(
+    cli: CLI, empty_db_url: str, tmp_path: Path, body: str, line: int, words: str
+) -> None:
+    folder = tmp_path / "sql"
+    write(folder, "0001_first.sql", "CREATE TABLE first (id int);\n")
+    write(folder, "0002_bad.sql", body)
+    for args in (("--dry-run",), ()):
+        result = run(cli, empty_db_url, folder, *args)
+        assert result.exit_code == ExitCode.MIGRATION, result.stderr
+        assert f"0002_bad.sql, line {line}" in result.stderr and words in result.stderr
+    assert user_tables(empty_db_url) == set(), "nothing runs before every file is checked"
+
+
+@pytest.mark.timeout(60)
+def test_bom_upper_case_suffix_and_versions(cli: CLI, empty_db_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "sql"
+    write(folder, "0001_bom.sql", b"\xef\xbb\xbfCREATE TABLE bom (id int);\n")
+    write(folder, "0002_upper.SQL", "CREATE TABLE upper_case (id int);\n")
+    result = run(cli, empty_db_url, folder)
+    assert result.exit_code == ExitCode.OK, result.stderr
+    assert user_tables(empty_db_url) == {"bom", "upper_case"}
+    too_big = run(cli, empty_db_url, folder, "--to", "9" * 30)
+    assert too_big.exit_code == ExitCode.BAD_INPUT and "bigint" not in too_big.stdout
+    write(folder, f"{'9' * 30}_huge.sql", "SELECT 1;\n")
+    huge = run(cli, empty_db_url, folder)
+    assert huge.exit_code == ExitCode.MIGRATION and "beyond PostgreSQL's bigint" in huge.stderr
+    (folder / f"{'9' * 30}_huge.sql").unlink()
+    write(folder, "٠٠٠3_arabic.sql", "SELECT 1;\n")  # Arabic-Indic digits are not a version
+    arabic = run(cli, empty_db_url, folder)
+    assert arabic.exit_code == ExitCode.MIGRATION and "ASCII digits" in arabic.stderr
+
+
+@pytest.mark.timeout(60)
+def test_no_transaction_files_hold_only_rerunnable_statements(
+    cli: CLI, empty_db_url: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "sql"
+    write(folder, "0001_t.sql", "CREATE TABLE t (id int);\n")
+    write(
+        folder,
+        "0002_idx.sql",
+        "-- towerctl:no-transaction\nCREATE INDEX CONCURRENTLY IF NOT EXISTS t_i ON t (id);\n"
+        "INSERT INTO t VALUES (1);\n",
+    )
+    for args in (("--dry-run",), ()):
+        refused = run(cli, empty_db_url, folder, *args)
+        assert refused.exit_code == ExitCode.MIGRATION
+        assert "0002_idx.sql, line 3: INSERT INTO T VALUES" in refused.stderr
+        assert "no-transaction" in refused.stderr
+    assert user_tables(empty_db_url) == set()
+
+
+@pytest.mark.timeout(60)
+def test_no_transaction_failure_says_which_statements_ran_and_reruns(
+    cli: CLI, empty_db_url: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "sql"
+    write(folder, "0001_t.sql", "CREATE TABLE t (id int, v int);\nINSERT INTO t VALUES (1, 1);\n")
+    body = (
+        "-- towerctl:no-transaction\n"
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS t_id ON t (id);\n"
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS t_v ON t (nope);\n"
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS t_iv ON t (id, v);\n"
+    )
+    write(folder, "0002_idx.sql", body)
+    failed = run(cli, empty_db_url, folder)
+    assert failed.exit_code == ExitCode.MIGRATION
+    assert "0002_idx.sql, line 3" in failed.stderr
+    assert "statements at line 2 ran" in failed.stderr
+    write(folder, "0002_idx.sql", body.replace("(nope)", "(v)"))
+    again = run(cli, empty_db_url, folder)
+    assert again.exit_code == ExitCode.OK, again.stderr
+    with psycopg.connect(empty_db_url) as c:
+        names = {r[0] for r in c.execute("SELECT indexname FROM pg_indexes WHERE tablename='t'")}
+        lease = c.execute("SELECT count(*) FROM tower_schema_migration_lease").fetchone()
+    assert names == {"t_id", "t_v", "t_iv"}
+    assert lease == (0,)
