@@ -393,3 +393,150 @@ def test_malformed_url_never_echoes_the_password(cli: CLI) -> None:
         result = cli("--database-url", url, "migrate", "status")
         assert result.exit_code == ExitCode.UNREACHABLE
         assert "Sup3rSecret" not in result.stderr and "my secret" not in result.stderr
+
+
+# --- operator messages, status, new and repair ----------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_names_each_file_before_running_it(cli: CLI, empty_db_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "sql"
+    write(folder, "0001_a.sql", "CREATE TABLE a (id int);\n")
+    write(folder, "0002_b.sql", "CREATE TABLE b (id int);\n")
+    result = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
+    assert result.exit_code == ExitCode.OK
+    lines = result.stderr.splitlines()
+    assert lines[:4] == [
+        "applying 0001_a.sql …",
+        lines[1],
+        "applying 0002_b.sql …",
+        lines[3],
+    ]
+    assert lines[1].startswith("applied 0001_a.sql (") and lines[3].startswith("applied 0002_b")
+
+
+@pytest.mark.timeout(60)
+def test_lock_wait_names_the_holder_and_times_out(cli: CLI, empty_db_url: str) -> None:
+    with psycopg.connect(empty_db_url) as holder:  # a transaction holding the migration lock
+        holder.execute("SET application_name = 'other-runner'")
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (migrations.LOCK_KEY,))
+        pid = holder.info.backend_pid
+        result = cli("--database-url", empty_db_url, "migrate", "--lock-timeout", "0.3")
+    assert result.exit_code == ExitCode.MIGRATION
+    assert (
+        f"waiting for another migration runner's lock (pid {pid}, application other-runner,"
+        in result.stderr
+    )
+    assert "held the lock for more than 0.3s" in result.stderr
+    assert "sessions" not in tables(empty_db_url)
+
+
+@pytest.mark.timeout(60)
+def test_lease_wait_names_the_holder(cli: CLI, empty_db_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "sql"
+    write(folder, "0001_a.sql", "CREATE TABLE a (id int);\n")
+    assert cli("--database-url", empty_db_url, "migrate", "--dir", str(folder)).exit_code == 0
+    with psycopg.connect(empty_db_url, autocommit=True) as c:
+        c.execute(
+            "INSERT INTO tower_schema_migration_lease (token, version, file, owner,"
+            " application_name, deadline) VALUES ('t', 2, '0002_idx.sql', 'pid 42 on host',"
+            " 'other', now() + interval '1 hour')"
+        )
+    write(folder, "0002_b.sql", "CREATE TABLE b (id int);\n")
+    result = cli(
+        "--database-url", empty_db_url, "migrate", "--dir", str(folder), "--lock-timeout", "0.3"
+    )
+    assert result.exit_code == ExitCode.MIGRATION
+    assert "waiting for another migration runner (0002_idx.sql by pid 42 on host" in result.stderr
+    assert ledger_versions(empty_db_url) == [1]
+    with psycopg.connect(empty_db_url, autocommit=True) as c:  # an expired lease frees itself
+        c.execute("UPDATE tower_schema_migration_lease SET deadline = now() - interval '1 s'")
+    assert cli("--database-url", empty_db_url, "migrate", "--dir", str(folder)).exit_code == 0
+    assert ledger_versions(empty_db_url) == [1, 2]
+
+
+@pytest.mark.timeout(60)
+def test_group_options_status_and_doctor_dir(cli: CLI, empty_db_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "sql"
+    write(folder, "0001_a.sql", "CREATE TABLE a (id int);\n")
+    write(folder, "0002_b.sql", "CREATE TABLE b (id int);\n")
+    write(folder, "0003_c.sql", "CREATE TABLE c (id int);\n")
+    base = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder), "--to", "1",
+               "baseline")  # fmt: skip
+    assert base.exit_code == ExitCode.OK, base.stderr
+    assert (
+        cli("--database-url", empty_db_url, "migrate", "--dir", str(folder), "--to", "2").exit_code
+        == 0
+    )
+    (folder / "0002_b.sql").write_text("CREATE TABLE b (id bigint);\n")
+    write(folder, "0003_d.sql", "SELECT 1;\n")
+    shown = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder), "status")
+    assert shown.exit_code == ExitCode.OK, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].split() == ["VERSION", "STATE", "APPLIED", "AT", "NAME"]
+    assert lines[1].split()[:2] == ["1", "applied"] and lines[1].endswith("0001_a.sql  (baseline)")
+    assert lines[2].split()[:2] == ["2", "changed"]
+    assert [ln.split()[1] for ln in lines[3:5]] == ["duplicate", "duplicate"]
+    assert lines[-1] == "4 migrations: 1 applied, 1 changed, 2 duplicate"
+    doc = json.loads(
+        cli(
+            "--database-url", empty_db_url, "migrate", "--dir", str(folder), "status", "--json"
+        ).stdout
+    )
+    one, two = doc["migrations"][0], doc["migrations"][1]
+    assert one["baseline"] is True and two["baseline"] is False
+    assert two["state"] == "changed" and two["checksum"] != two["fileChecksum"]
+    assert two["fileChecksum"] == migrations.checksum((folder / "0002_b.sql").read_bytes())
+    refused = cli("--database-url", empty_db_url, "migrate", "--dry-run", "status")
+    assert refused.exit_code == ExitCode.BAD_INPUT
+    doctor = cli("--database-url", empty_db_url, "doctor", "--dir", str(folder), "--json")
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+    assert "2 changed" in checks["migrations_match_files"]["detail"]
+    assert "3 duplicate" in checks["migrations_match_files"]["detail"]
+
+
+@pytest.mark.timeout(60)
+def test_new_writes_the_next_empty_file(cli: CLI, tmp_path: Path) -> None:
+    folder = tmp_path / "sql"
+    write(folder, "0007_a.sql", "SELECT 1;\n")
+    result = cli("migrate", "--dir", str(folder), "new", "add_tags")
+    assert result.exit_code == ExitCode.OK, result.stderr
+    assert result.stdout == f"{folder / '0008_add_tags.sql'}\n"
+    assert (folder / "0008_add_tags.sql").read_text() == ""
+    assert cli("migrate", "new", "bad name;", "--dir", str(folder)).exit_code == ExitCode.BAD_INPUT
+    missing = cli("migrate", "new", "x", "--dir", str(tmp_path / "nope"))
+    assert missing.exit_code == ExitCode.BAD_INPUT
+
+
+@pytest.mark.timeout(60)
+def test_repair_accepts_cosmetic_changes_only_unless_forced(
+    cli: CLI, empty_db_url: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "sql"
+    path = write(folder, "0001_a.sql", "CREATE TABLE a (id int);\n")
+    assert cli("--database-url", empty_db_url, "migrate", "--dir", str(folder)).exit_code == 0
+    old = migrations.checksum(path.read_bytes())
+    path.write_text("-- the sessions table\ncreate table A (\n    ID INT\n);\n")
+    assert cli("--database-url", empty_db_url, "migrate", "--dir", str(folder)).exit_code == 7
+    fixed = cli("--database-url", empty_db_url, "migrate", "repair", "1", "--dir", str(folder))
+    assert fixed.exit_code == ExitCode.OK, fixed.stderr
+    assert "cosmetic" in fixed.stderr
+    assert cli("--database-url", empty_db_url, "migrate", "--dir", str(folder)).exit_code == 0
+    path.write_text("CREATE TABLE a (id bigint);\n")
+    refused = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder), "repair", "1")
+    assert refused.exit_code == ExitCode.MIGRATION and "not cosmetic" in refused.stderr
+    unconfirmed = cli("--database-url", empty_db_url, "migrate", "repair", "1", "--dir",
+                      str(folder), "--force")  # fmt: skip
+    assert unconfirmed.exit_code == ExitCode.BAD_INPUT
+    forced = cli("--database-url", empty_db_url, "migrate", "repair", "1", "--dir", str(folder),
+                 "--force", "--yes")  # fmt: skip
+    assert forced.exit_code == ExitCode.OK, forced.stderr
+    with psycopg.connect(empty_db_url) as c:
+        rows = c.execute(
+            "SELECT old_checksum, forced FROM tower_schema_migration_repairs ORDER BY repaired_at"
+        ).fetchall()
+    assert [r[1] for r in rows] == [False, True] and rows[0][0] == old
+    check = cli(
+        "--database-url", empty_db_url, "migrate", "status", "--dir", str(folder), "--check"
+    )
+    assert check.exit_code == ExitCode.OK

@@ -532,14 +532,16 @@ def _take_lock(conn: psycopg.Connection, timeout_seconds: float, notify: Notify 
         raise _refused(timeout_seconds, holder) from None
 
 
-def ensure_ledger(conn: psycopg.Connection, timeout_seconds: float = 60.0) -> None:
+def ensure_ledger(
+    conn: psycopg.Connection, timeout_seconds: float = 60.0, notify: Notify | None = None
+) -> None:
     """Create the ledger tables, or bring an older ledger up to date, under the lock."""
     _check_wait(timeout_seconds)
     ready = conn.execute(LEDGER_READY).fetchone()
     if ready and ready[0]:
         return
     with conn.transaction():
-        _take_lock(conn, timeout_seconds, None)
+        _take_lock(conn, timeout_seconds, notify)
         conn.execute("SET LOCAL lock_timeout = '10s'")
         for ddl in (CREATE_LEDGER, ADD_TREE_CHECKSUM, CREATE_LEASE, CREATE_REPAIRS):
             conn.execute(ddl)
@@ -794,7 +796,7 @@ def migrate(
     steps = prepare(plan)
     if not steps:
         return []
-    ensure_ledger(conn, lock_timeout)
+    ensure_ledger(conn, lock_timeout, notify)
     return apply(
         conn,
         steps,
@@ -834,7 +836,7 @@ def baseline(
     files = discover(directory)
     if target not in {m.version for m in files}:
         raise BadInput(f"--to {target}: no migration has that version")
-    ensure_ledger(conn, lock_timeout)
+    ensure_ledger(conn, lock_timeout, notify)
     wait_for_lease(conn, lock_timeout, notify)
     with conn.transaction():
         _take_lock(conn, lock_timeout, notify)
@@ -916,7 +918,7 @@ def repair(
         if not force:
             raise MigrationError(f"{migration.filename}: {error}") from None
         new_tree = None
-    ensure_ledger(conn, lock_timeout)
+    ensure_ledger(conn, lock_timeout, notify)
     wait_for_lease(conn, lock_timeout, notify)
     with conn.transaction():
         _take_lock(conn, lock_timeout, notify)
