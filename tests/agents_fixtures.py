@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -104,3 +106,33 @@ def openai_server(behaviour: dict[str, Any]) -> Iterator[tuple[str, list[dict[st
     finally:
         server.shutdown()
         server.server_close()
+
+
+TOWERCTL = str(Path(sys.executable).with_name("towerctl"))
+
+MEASURE = """
+import resource, subprocess, sys
+done = subprocess.run(sys.argv[1:], capture_output=True, stdin=subprocess.DEVNULL, timeout=50)
+sys.stdout.buffer.write(done.stdout)
+sys.stderr.buffer.write(done.stderr)
+sys.stderr.write("\\n" + str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(done.returncode)
+"""
+
+
+def run_measured(args: list[str], stdin: str | None = None) -> tuple[int, float, str, str]:
+    """(exit code, peak RSS in MB, stdout, stderr) of towerctl run as a subprocess, measured by a
+    fresh parent whose only child it is."""
+    if stdin is not None:
+        script = MEASURE.replace("stdin=subprocess.DEVNULL", f"stdin=open({stdin!r}, 'rb')")
+    else:
+        script = MEASURE
+    done = subprocess.run(
+        [sys.executable, "-c", script, TOWERCTL, *args],
+        capture_output=True,
+        text=True,
+        timeout=55,
+        env=os.environ.copy(),
+    )
+    *stderr, peak = done.stderr.split("\n")
+    return done.returncode, int(peak) / 1024, done.stdout, "\n".join(stderr).strip()

@@ -78,6 +78,7 @@ AGENT_SECONDS = Bound(
 # An HTTP body may escape every character (12 bytes) and wrap it in an envelope.
 HTTP_BODY_OVERHEAD_BYTES = 64 * 1024
 AGENT_ERROR_CHARS = 500  # the tail of an agent's stderr or HTTP error body kept as its error
+ERROR_MESSAGE_CHARS = 1_000  # a failed request's error message, as stored
 REPORTED_TOKENS = Bound(
     "reported token usage", 10_000_000, "tokens", past="the request is recorded failed (exit 6)"
 )

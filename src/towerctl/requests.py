@@ -195,9 +195,12 @@ def _plausible(reported: int | None, estimate: int) -> int:
 
 
 def bounded_reply(reply: AgentReply, limits: RequestLimits) -> AgentReply:
-    """The agent's reply as stored: cleaned, and `failed` when it is longer than the
-    reply bound (a failed request charges nothing)."""
-    if len(reply.text) > limits.max_reply_chars:
+    """The agent's reply as stored: cleaned, and `failed` when a result or reason is
+    longer than the reply bound (a failed request charges nothing); an error message
+    is cut to its own bound."""
+    if reply.state == "failed":
+        reply = replace(reply, text=reply.text[: bounds.ERROR_MESSAGE_CHARS])
+    elif len(reply.text) > limits.max_reply_chars:
         return AgentReply(
             "failed",
             f"agent's reply has {len(reply.text):,} characters; the maximum is "
