@@ -249,6 +249,8 @@ def read_migration(path: Path, version: int, name: str) -> Migration:
 
 def discover(directory: Path) -> list[Migration]:
     """Every `NNNN_name.sql` (any letter case of `.sql`) in `directory`, by version then name."""
+    if directory.exists() and not directory.is_dir():
+        raise MigrationError(f"{directory} is not a folder of migrations")
     if not directory.is_dir():
         raise BadInput(
             f"migrations folder not found: {directory}",
