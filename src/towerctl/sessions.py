@@ -2,7 +2,9 @@
 
 Every change of balance is a row in `balance_ledger` written by the same
 statement that changes `sessions.balance_sats`. Expiry (24 h without activity)
-is applied lazily whenever sessions are read.
+is computed by every read (a session past `expires_at` reads as expired) and
+recorded by the next write to the session, so reads never write and run on a
+read-only replica as well.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ if TYPE_CHECKING:
 STATES = ("awaiting_payment", "active", "paused", "expired")
 IDLE_LIFETIME = "24 hours"
 COLUMNS = "id, state, balance_sats, created_at, expires_at, last_activity_at"
+# What a reader sees: a session past its expiry is expired, whether or not a write
+# has recorded it yet. Reads write nothing, so they run on a read-only replica too.
+STATE_NOW = "CASE WHEN state <> 'expired' AND expires_at <= now() THEN 'expired' ELSE state END"
+READ_COLUMNS = f"id, {STATE_NOW}, balance_sats, created_at, expires_at, last_activity_at"
 
-EXPIRE_ONE = """
-UPDATE sessions SET state = 'expired'
-WHERE id = %s AND state <> 'expired' AND expires_at <= now()"""
-EXPIRE_DUE = """
-UPDATE sessions SET state = 'expired'
-WHERE state <> 'expired' AND expires_at <= now()"""
-SELECT_ONE = f"SELECT {COLUMNS} FROM sessions WHERE id = %s"
+SELECT_ONE = f"SELECT {READ_COLUMNS} FROM sessions WHERE id = %s"
+SELECT_NEWEST = f"""
+SELECT {READ_COLUMNS} FROM sessions
+WHERE (%(state)s::text IS NULL OR {STATE_NOW} = %(state)s)
+ORDER BY created_at DESC, id LIMIT %(limit)s"""
 OPEN = f"""
 WITH s AS (
     INSERT INTO sessions (state, balance_sats, expires_at)
@@ -85,8 +89,7 @@ def open_session(conn: psycopg.Connection, deposit_sats: int) -> Session:
 
 
 def get_session(conn: psycopg.Connection, session_id: UUID) -> Session:
-    """The session (expired first if its time has come), or NotFound."""
-    conn.execute(EXPIRE_ONE, (session_id,))
+    """The session as it stands now (expired once its time has come), or NotFound."""
     row = conn.execute(SELECT_ONE, (session_id,)).fetchone()
     if row is None:
         raise NotFound(f"no session {session_id}")
@@ -101,12 +104,7 @@ def list_sessions(
         raise BadInput(f"--state must be one of {', '.join(STATES)}, got {state!r}")
     if not 1 <= limit <= 10_000:
         raise BadInput("--limit must be from 1 to 10000")
-    conn.execute(EXPIRE_DUE)
-    rows = conn.execute(
-        f"SELECT {COLUMNS} FROM sessions WHERE (%(state)s::text IS NULL OR state = %(state)s)"
-        " ORDER BY created_at DESC, id LIMIT %(limit)s",
-        {"state": state, "limit": limit},
-    ).fetchall()
+    rows = conn.execute(SELECT_NEWEST, {"state": state, "limit": limit}).fetchall()
     return [_session(r) for r in rows]
 
 
@@ -115,5 +113,5 @@ def top_up(conn: psycopg.Connection, session_id: UUID, sats: int) -> Session:
     row = conn.execute(TOP_UP, {"id": session_id, "sats": sats}).fetchone()
     if row is not None:
         return _session(row)
-    session = get_session(conn, session_id)  # NotFound, or applies the expiry
+    session = get_session(conn, session_id)  # NotFound, or why it takes nothing
     raise NotServed(f"session {session.id} is {session.state} and takes no top-up")
