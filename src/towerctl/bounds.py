@@ -123,6 +123,18 @@ ALL: tuple[Bound, ...] = (
 )
 
 
+READ_MAX_LAG = Bound(
+    "read replica lag",
+    30.0,
+    "seconds",
+    "TOWER_READ_MAX_LAG",
+    minimum=0,
+    maximum=86_400,
+    whole=False,
+    past="reads from the replica are refused (exit 8): retry, or read from the primary",
+)
+
+
 def message_stdin_bytes(max_chars: int) -> int:
     """The most bytes read from stdin for one message: every character may take 4 bytes
     in UTF-8, plus the one byte that shows the message is too long."""

@@ -84,6 +84,11 @@ def database_url(flag: str | None) -> str | None:
     return flag or os.environ.get("TOWER_DATABASE_URL") or None
 
 
+def read_database_url(flag: str | None) -> str | None:
+    """The read replica for read-only commands (`TOWER_READ_DATABASE_URL`), or None."""
+    return flag or os.environ.get("TOWER_READ_DATABASE_URL") or None
+
+
 def macaroon_location() -> str:
     """The location written into macaroons and required of them (`TOWER_MACAROON_LOCATION`)."""
     return os.environ.get("TOWER_MACAROON_LOCATION") or "timmy-tower"

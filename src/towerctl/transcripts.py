@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 CHUNK_ROWS = 2_000
 ROLES = ("user", "assistant")
+MAX_PAGE = 10_000_000  # --limit
 ISO_UTC = """to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
 MESSAGE_JSON = (
     """'{"id":' || id || ',"role":' || to_json(role)::text"""
@@ -107,8 +108,8 @@ def check_selection(conn: psycopg.Connection, selection: Selection) -> None:
     """Refuse bad paging input (exit 2) and unknown cursors (exit 4)."""
     if selection.role is not None and selection.role not in ROLES:
         raise BadInput(f"--role must be user or assistant, got {selection.role!r}")
-    if selection.limit is not None and not 1 <= selection.limit <= 10_000_000:
-        raise BadInput("--limit must be from 1 to 10,000,000")
+    if selection.limit is not None and not 1 <= selection.limit <= MAX_PAGE:
+        raise BadInput(f"--limit must be from 1 to {MAX_PAGE:,}")
     for flag, cursor in (("--after", selection.after), ("--before", selection.before)):
         if cursor is None:
             continue

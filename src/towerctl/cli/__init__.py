@@ -121,6 +121,13 @@ def root(
         "Default: the embedded server.",
         show_default=False,
     ),
+    read_database_url: str | None = typer.Option(
+        None,
+        "--read-database-url",
+        help="A read-only replica for session show/list/messages and doctor's reads "
+        "[env: TOWER_READ_DATABASE_URL]. Default: the primary.",
+        show_default=False,
+    ),
     traceback: bool = typer.Option(
         False, "--traceback", help="Show a Python traceback for internal errors."
     ),
@@ -128,7 +135,9 @@ def root(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    ctx.obj = State(database_url=database_url, traceback=traceback)
+    ctx.obj = State(
+        database_url=database_url, read_database_url=read_database_url, traceback=traceback
+    )
 
 
 def _fail(message: str, code: int) -> int:

@@ -45,6 +45,7 @@ class DurationType(click.ParamType):  # type: ignore[type-arg]
 
 
 SESSION_ID = SessionIdType()
+MESSAGE_ID = click.IntRange(1, 2**63 - 1)
 DURATION = DurationType()
 SATS = click.IntRange(1, MAX_SATS)
 

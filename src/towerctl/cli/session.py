@@ -10,7 +10,7 @@ import click
 import typer
 
 from towerctl.cli.params import JSON_OPTION, SESSION_ID, sats_option, session_id_argument
-from towerctl.cli.state import connect, print_json
+from towerctl.cli.state import connect, print_json, read_connect
 from towerctl.sessions import STATES
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def show(
     """Show one session: state, balance, expiry."""
     from towerctl import sessions
 
-    _show(sessions.get_session(connect(ctx), session_id), as_json)
+    _show(sessions.get_session(read_connect(ctx), session_id), as_json)
 
 
 @app.command("list")
@@ -87,7 +87,7 @@ def list_(
     from towerctl import sessions
     from towerctl.render import iso
 
-    found = sessions.list_sessions(connect(ctx), state=state, limit=limit)
+    found = sessions.list_sessions(read_connect(ctx), state=state, limit=limit)
     if as_json:
         print_json({"sessions": [s.as_json() for s in found]})
         return
@@ -131,13 +131,11 @@ def authorized_session(
     token_file: str | None,
     scope: str,
 ) -> tuple[psycopg.Connection, UUID]:
-    """(connection, session UUID) once the macaroon authorises `scope` on the session."""
-    from towerctl import auth, keys
-    from towerctl.cli.state import read_token
+    """(connection, session UUID) once the macaroon authorises `scope` on the session:
+    the read replica's connection for `read` (when one is configured), else the primary's."""
+    from towerctl.cli.state import read_token, store
     from towerctl.units import parse_session_id
 
     sid = session_id if isinstance(session_id, UUID) else parse_session_id(session_id)
-    macaroon = read_token(token, token_file)
-    conn = connect(ctx)
-    auth.authorize(conn, keys.load_ring(), macaroon, session_id=str(sid), scope=scope)
-    return conn, sid
+    grant = store(ctx).authorize(read_token(token, token_file), sid, scope)
+    return grant.conn, grant.session_id

@@ -14,13 +14,17 @@ import typer
 if TYPE_CHECKING:
     import psycopg
 
+    from towerctl.store import Store
+
 TOKEN_LIKE_CHARS = 32  # shorter text is never a usable macaroon (real ones are 100+)
 
 
 @dataclass
 class State:
     database_url: str | None = None
+    read_database_url: str | None = None
     traceback: bool = False
+    store: Store | None = None
 
 
 def state(ctx: typer.Context) -> State:
@@ -30,30 +34,33 @@ def state(ctx: typer.Context) -> State:
     return root.obj
 
 
-def resolve_url(ctx: typer.Context) -> str:
-    """The configured database URL, or the embedded server's (started if needed)."""
-    from towerctl import config
+def store(ctx: typer.Context) -> Store:
+    """The command's way to the database (one per invocation, closed when it ends)."""
+    shared = state(ctx)
+    if shared.store is None:
+        from towerctl.store import Store
 
-    url = config.database_url(state(ctx).database_url)
-    if url:
-        return url
-    from towerctl import embedded
-
-    return embedded.ensure_running(config.home()).url
+        shared.store = Store(shared.database_url, shared.read_database_url)
+        ctx.find_root().call_on_close(shared.store.close)
+    return shared.store
 
 
 def connect(ctx: typer.Context) -> psycopg.Connection:
-    from towerctl import db
+    """The primary: every write goes here."""
+    return store(ctx).primary()
 
-    conn = db.connect(resolve_url(ctx))
-    ctx.call_on_close(conn.close)
-    return conn
+
+def read_connect(ctx: typer.Context) -> psycopg.Connection:
+    """The read replica when one is configured, else the primary."""
+    return store(ctx).reader()
 
 
 def print_json(value: Any) -> None:
-    from towerctl.render import write_json
+    """A JSON document on stdout; hidden characters of outside text escaped (SPEC 11)."""
+    from towerctl.render import json_text
+    from towerctl.sanitize import escape_json_text
 
-    write_json(value, sys.stdout)
+    sys.stdout.write(escape_json_text(json_text(value)) + "\n")
 
 
 def note(message: str) -> None:

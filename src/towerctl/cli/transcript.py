@@ -6,25 +6,35 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from uuid import UUID
 
+import click
 import typer
 
 from towerctl.cli.output import sigterm_raises
+from towerctl.cli.params import MESSAGE_ID, session_id_argument
 from towerctl.cli.session import MACAROON_FILE_OPTION, MACAROON_OPTION, app, authorized_session
-from towerctl.cli.state import connect, note
+from towerctl.cli.state import note
+from towerctl.transcripts import MAX_PAGE, ROLES, Format
 
 
 @app.command("messages")
 def messages(
     ctx: typer.Context,
-    session_id: str = typer.Argument(..., metavar="ID"),
-    fmt: str = typer.Option(
-        "table", "--format", "-f", help="table, json, ndjson, csv or markdown."
+    session_id: UUID = session_id_argument(),
+    fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
+    limit: int | None = typer.Option(
+        None, "--limit", click_type=click.IntRange(1, MAX_PAGE), help="At most this many messages."
     ),
-    limit: int | None = typer.Option(None, "--limit", help="At most this many messages."),
-    after: int | None = typer.Option(None, "--after", help="Only messages after this id."),
-    before: int | None = typer.Option(None, "--before", help="Only messages before this id."),
-    role: str | None = typer.Option(None, "--role", help="Only user or assistant messages."),
+    after: int | None = typer.Option(
+        None, "--after", click_type=MESSAGE_ID, help="Only messages after this id."
+    ),
+    before: int | None = typer.Option(
+        None, "--before", click_type=MESSAGE_ID, help="Only messages before this id."
+    ),
+    role: str | None = typer.Option(
+        None, "--role", click_type=click.Choice(ROLES), help="Only this role's messages."
+    ),
     output: str | None = typer.Option(
         None,
         "--output",
@@ -41,18 +51,12 @@ def messages(
     macaroon_file: str | None = MACAROON_FILE_OPTION,
 ) -> None:
     """Print or export a session's messages in order (needs a macaroon with scope read)."""
-    from towerctl import export, sessions, transcripts
+    from towerctl import export, transcripts
     from towerctl.cli.output import Terminated, atomic_file, binary_stdout, resolve_output
-    from towerctl.errors import BadInput
 
-    try:
-        chosen = transcripts.Format(fmt)
-    except ValueError:
-        names = ", ".join(f.value for f in transcripts.Format)
-        raise BadInput(f"--format must be one of {names}, got {fmt!r}") from None
+    chosen = fmt
     target = None if output is None or output == "-" else resolve_output(output)
     conn, sid = authorized_session(ctx, session_id, macaroon, macaroon_file, "read")
-    sessions.get_session(conn, sid)
     selection = transcripts.Selection(sid, after=after, before=before, role=role, limit=limit)
     transcripts.check_selection(conn, selection)
     try:
@@ -109,24 +113,19 @@ def _terminal_width() -> int:
 @app.command("clear-history")
 def clear_history(
     ctx: typer.Context,
-    session_id: str = typer.Argument(..., metavar="ID"),
+    session_id: UUID = session_id_argument(),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     macaroon: str | None = MACAROON_OPTION,
     macaroon_file: str | None = MACAROON_FILE_OPTION,
 ) -> None:
     """Delete a session's messages (not its requests or ledger), recording when and by whom."""
-    from towerctl import auth, keys, sessions
-    from towerctl.cli.state import read_token
+    from towerctl.cli.state import read_token, store
     from towerctl.config import RequestLimits
     from towerctl.errors import BadInput
     from towerctl.history import clear_history as clear
-    from towerctl.units import parse_session_id
 
-    sid = parse_session_id(session_id)
-    token = read_token(macaroon, macaroon_file)
-    conn = connect(ctx)
-    info = auth.authorize(conn, keys.load_ring(), token, session_id=str(sid), scope="request")
-    sessions.get_session(conn, sid)
+    grant = store(ctx).authorize(read_token(macaroon, macaroon_file), session_id, "request")
+    conn, sid, info = grant.conn, grant.session_id, grant.token
     if not yes:
         if not sys.stdin.isatty():
             raise BadInput("refusing to clear history without --yes when not on a terminal")
