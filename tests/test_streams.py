@@ -25,7 +25,7 @@ import psycopg
 import pytest
 
 from conftest import CLI, OpenedSession, open_session
-from towerctl.cli.output import remove_stale_parts
+from towerctl.cli.outfile import remove_stale_parts
 from towerctl.errors import ExitCode
 from towerctl.transcripts import Format
 

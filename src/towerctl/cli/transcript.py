@@ -52,7 +52,8 @@ def messages(
 ) -> None:
     """Print or export a session's messages in order (needs a macaroon with scope read)."""
     from towerctl import export, transcripts
-    from towerctl.cli.output import Terminated, atomic_file, binary_stdout, resolve_output
+    from towerctl.cli.outfile import atomic_file, resolve_output
+    from towerctl.cli.output import Terminated, binary_stdout
 
     chosen = fmt
     target = None if output is None or output == "-" else resolve_output(output)
