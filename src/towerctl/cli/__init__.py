@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -14,7 +15,7 @@ import typer.main
 
 from towerctl import __version__
 from towerctl.cli.output import PipeGuard, StdoutClosed
-from towerctl.cli.state import State, hide_tokens
+from towerctl.cli.state import CURRENT, State, hide_tokens
 from towerctl.errors import ExitCode, TowerError
 
 # name -> (module:attribute, one-line summary). The module is imported when the
@@ -138,13 +139,28 @@ def root(
     ctx.obj = State(
         database_url=database_url, read_database_url=read_database_url, traceback=traceback
     )
+    CURRENT[:] = [ctx.obj]
 
 
-def _fail(message: str, code: int) -> int:
-    """The one line on stderr for a failure: outside text in it is shown visibly, bounded."""
+def _fail(message: str, code: int, *, json_wanted: bool = False) -> int:
+    """The one line on stderr for a failure: outside text in it is shown visibly, bounded.
+
+    With --json, when the command has printed nothing yet, the failure is also a
+    JSON document on stdout, so a script reading stdout always gets one.
+    """
     from towerctl.sanitize import for_diagnostic
 
-    sys.stderr.write(f"towerctl: {for_diagnostic(message)}\n")
+    line = for_diagnostic(message)
+    sys.stderr.write(f"towerctl: {line}\n")
+    wanted = json_wanted or (bool(CURRENT) and CURRENT[0].json_output)
+    stdout = sys.stdout
+    if wanted and not getattr(stdout, "written", True):
+        from towerctl.render import json_text
+
+        doc = {"error": {"message": line, "exitCode": int(code)}}
+        with contextlib.suppress(OSError, StdoutClosed):
+            stdout.write(json_text(doc) + "\n")
+            stdout.flush()
     return code
 
 
@@ -178,6 +194,7 @@ def run(argv: list[str] | None = None) -> int:
     show_traceback = "--traceback" in args
     real_stdout = sys.stdout
     sys.stdout = PipeGuard(real_stdout)
+    CURRENT.clear()
     try:
         result = app(args=argv, prog_name="towerctl", standalone_mode=False)
         sys.stdout.flush()  # a reader gone or a full device shows here: exit 0 or 10
@@ -195,7 +212,9 @@ def run(argv: list[str] | None = None) -> int:
         ctx = getattr(error, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         message = hide_tokens(_one_suggestion(error.format_message()), args, usage=True)
-        return _fail(f"{message}{hint}", ExitCode.BAD_INPUT)
+        # The parser may refuse a value before it reaches --json: look at the words.
+        options = args[: args.index("--")] if "--" in args else args
+        return _fail(f"{message}{hint}", ExitCode.BAD_INPUT, json_wanted="--json" in options)
     except (StdoutClosed, BrokenPipeError):
         _quiet_stdout()
         return ExitCode.OK
@@ -215,6 +234,7 @@ def run(argv: list[str] | None = None) -> int:
         )
     finally:
         sys.stdout = real_stdout
+        CURRENT.clear()
     return int(result) if isinstance(result, int) else ExitCode.OK
 
 

@@ -6,6 +6,7 @@ import sys
 
 import typer
 
+from towerctl.cli.params import JSON_OPTION
 from towerctl.cli.state import note, print_json
 
 app = typer.Typer(
@@ -22,7 +23,7 @@ def url() -> None:
 
 
 @app.command("status")
-def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def status(as_json: bool = JSON_OPTION) -> None:
     """Report whether the embedded server is running, and where its data and socket live."""
     from towerctl import config, embedded
 

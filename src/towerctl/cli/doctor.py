@@ -7,12 +7,13 @@ from pathlib import Path
 
 import typer
 
+from towerctl.cli.params import JSON_OPTION
 from towerctl.cli.state import connect, print_json
 
 
 def doctor(
     ctx: typer.Context,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = JSON_OPTION,
     directory: Path | None = typer.Option(
         None,
         "--dir",

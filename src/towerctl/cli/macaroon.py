@@ -11,7 +11,7 @@ from uuid import UUID
 
 import typer
 
-from towerctl.cli.params import DURATION, SESSION_ID, session_id_argument
+from towerctl.cli.params import DURATION, JSON_OPTION, SESSION_ID, session_id_argument
 from towerctl.cli.state import connect, note, print_json, read_token
 
 app = typer.Typer(help="Macaroons that authorise work on one session.", no_args_is_help=True)
@@ -66,9 +66,7 @@ def mint(
 
 
 @app.command("inspect")
-def inspect(
-    token: str = TOKEN, as_json: bool = typer.Option(False, "--json", help="Print JSON.")
-) -> None:
+def inspect(token: str = TOKEN, as_json: bool = JSON_OPTION) -> None:
     """Show what a token says (no key needed; the signature is never shown)."""
     from towerctl import macaroons
     from towerctl.errors import Unauthorized

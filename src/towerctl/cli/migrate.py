@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from towerctl.cli.params import JSON_OPTION
 from towerctl.cli.state import connect, note, print_json
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ def migrate(
 def status(
     ctx: typer.Context,
     directory: Path | None = DIR_OPTION,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = JSON_OPTION,
     check: bool = typer.Option(
         False, "--check", help="Exit 7 when anything is pending, changed, missing or duplicate."
     ),

@@ -56,8 +56,10 @@ class PipeGuard:
 
     def __init__(self, stream: IO[Any]) -> None:
         self._stream = stream
+        self.written = False  # whether the command has printed anything yet
 
     def write(self, data: Any) -> int:
+        self.written = self.written or bool(data)
         try:
             return int(self._stream.write(data))
         except OSError as error:

@@ -49,7 +49,22 @@ MESSAGE_ID = click.IntRange(1, 2**63 - 1)
 DURATION = DurationType()
 SATS = click.IntRange(1, MAX_SATS)
 
-JSON_OPTION = typer.Option(False, "--json", help="Print JSON.")
+
+def _remember_json(ctx: typer.Context, value: bool) -> bool:
+    """With --json, a refusal is a JSON document on stdout too (`cli.run` writes it)."""
+    if value:
+        from towerctl.cli.state import state
+
+        state(ctx).json_output = True
+    return value
+
+
+JSON_OPTION = typer.Option(
+    False,
+    "--json",
+    help='Print JSON; a refusal prints {"error": {"message", "exitCode"}}.',
+    callback=_remember_json,
+)
 
 
 def session_id_argument(metavar: str = "ID") -> Any:

@@ -25,12 +25,19 @@ class State:
     read_database_url: str | None = None
     traceback: bool = False
     store: Store | None = None
+    json_output: bool = False  # --json was given: refusals are JSON documents too
+
+
+# The invocation's state, for the one error handler (`cli.run`), which runs after
+# every click context has closed.
+CURRENT: list[State] = []
 
 
 def state(ctx: typer.Context) -> State:
     root = ctx.find_root()
     if not isinstance(root.obj, State):
         root.obj = State()
+        CURRENT[:] = [root.obj]
     return root.obj
 
 
