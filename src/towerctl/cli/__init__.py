@@ -27,7 +27,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "session": ("towerctl.cli.session:app", "Sessions: balances, requests and transcripts."),
     "macaroon": ("towerctl.cli.macaroon:app", "Macaroons that authorise work on one session."),
     "doctor": ("towerctl.cli.doctor:doctor", "Check the store's invariants (ledger, messages)."),
+    "completion": (
+        "towerctl.cli.completion:completion",
+        "Print the shell completion script for bash, zsh or fish.",
+    ),
 }
+COMPLETE_VAR = "_TOWERCTL_COMPLETE"
 
 
 def _load(target: str, name: str) -> click.Command:
@@ -179,6 +184,18 @@ def _one_suggestion(message: str) -> str:
     return head + sep + tail.split(" Did you mean ")[0] if sep else message
 
 
+def _complete(instruction: str) -> int:
+    """Answer the completion script's question with Click's own completion machinery."""
+    from click.shell_completion import shell_complete
+
+    try:
+        return shell_complete(
+            typer.main.get_command(app), {}, "towerctl", COMPLETE_VAR, instruction
+        )
+    except Exception:  # never a traceback into a shell prompt
+        return 1
+
+
 def _classify(error: BaseException) -> TowerError | None:
     """A database failure the contract names (only when psycopg was ever imported)."""
     if "psycopg" not in sys.modules:
@@ -192,6 +209,8 @@ def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; the one place errors become codes."""
     args = argv if argv is not None else sys.argv[1:]
     show_traceback = "--traceback" in args
+    if COMPLETE_VAR in os.environ:  # the shell asks for completions (<TAB>)
+        return _complete(os.environ[COMPLETE_VAR])
     real_stdout = sys.stdout
     sys.stdout = PipeGuard(real_stdout)
     CURRENT.clear()

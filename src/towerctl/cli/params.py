@@ -13,6 +13,7 @@ from uuid import UUID
 
 import click
 import typer
+from click.shell_completion import CompletionItem
 
 from towerctl.errors import BadInput
 from towerctl.units import MAX_SATS, parse_duration, parse_session_id
@@ -28,6 +29,15 @@ class SessionIdType(click.ParamType):  # type: ignore[type-arg]  # generic from 
             return parse_session_id(str(value))
         except BadInput:
             self.fail("not a session id (a UUID)", param, ctx)
+
+    def shell_complete(
+        self, ctx: click.Context, param: click.Parameter, incomplete: str
+    ) -> list[CompletionItem]:
+        """Recent session ids from the store, when one is at hand (never starts a server)."""
+        from towerctl.completion import session_ids
+
+        url = ctx.find_root().params.get("database_url")
+        return [CompletionItem(sid) for sid in session_ids(incomplete, url)]
 
 
 class DurationType(click.ParamType):  # type: ignore[type-arg]
