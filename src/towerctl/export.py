@@ -81,10 +81,11 @@ def export(
     with ExitStack() as stack:
         stack.enter_context(_snapshot(conn))
         stack.enter_context(_abandon_on_error(conn))
+        selection = transcripts.tail(conn, selection)
         cursor = transcripts.next_cursor(conn, selection)
         total = transcripts.count(conn, selection) if progress is not None else 0
         counter = _Counter(progress, total)
-        sink = _Blocks(out, json_escape=options.fmt is not Format.csv, visible=options.visible)
+        sink = Blocks(out, json_escape=options.fmt is not Format.csv, visible=options.visible)
         if options.fmt in COPY_FORMATS:
             query = transcripts.copy_query(selection, options.fmt, raw=options.raw)
             copy = stack.enter_context(stack.enter_context(conn.cursor()).copy(query))
@@ -99,7 +100,7 @@ def export(
             cell = render.TABLE_CELL_CHARS if options.fmt is Format.table else None
             rows.execute(transcripts.rows_query(cell), selection.params())
             messages = stack.enter_context(closing(_messages(rows, counter)))
-            text = _Text(sink)
+            text = TextStream(sink)
             if options.fmt is Format.markdown:
                 written = render.write_transcript_markdown(
                     str(selection.session_id), messages, text, cursor
@@ -155,7 +156,7 @@ class _Counter:
             self.progress(self.done, self.total)
 
 
-class _Blocks:
+class Blocks:
     """Bytes gathered into blocks of whole rows, escaped, then written to `out`.
 
     JSON blocks pass through `escape_json_bytes` (DEL, C1, bidi and zero-width
@@ -184,10 +185,10 @@ class _Blocks:
         self.out.write(block)
 
 
-class _Text:
-    """A text stream over `_Blocks` for the renderers (rich wants `write` and `flush`)."""
+class TextStream:
+    """A text stream over `Blocks` for the renderers (rich wants `write` and `flush`)."""
 
-    def __init__(self, sink: _Blocks) -> None:
+    def __init__(self, sink: Blocks) -> None:
         self.sink = sink
 
     def write(self, text: str) -> int:
@@ -203,7 +204,7 @@ def _write_copy(
     fmt: Format,
     session_id: str,
     cursor: int | None,
-    sink: _Blocks,
+    sink: Blocks,
     counter: _Counter,
 ) -> int:
     """COPY rows into the sink; one block of COPY data is one row. Returns messages."""

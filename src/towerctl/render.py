@@ -134,11 +134,19 @@ def table_cell(content: str, cut: int) -> str:
 
 
 def write_transcript_table(
-    messages: Iterable[Any], out: TextOut, *, color: bool, width: int, chunk: int = 500
+    messages: Iterable[Any],
+    out: TextOut,
+    *,
+    color: bool,
+    width: int,
+    chunk: int = 500,
+    header: bool = True,
 ) -> int:
     """A rich table, rendered in chunks with fixed columns so huge sessions stream.
 
     Messages arrive cut to `TABLE_CELL_CHARS` (in SQL); `m.cut` says how much was left out.
+    Without `header` (the live part of `--follow`) only rows are written, and nothing
+    at all when there are no messages.
     """
     from rich import box
     from rich.console import Console
@@ -164,7 +172,7 @@ def write_transcript_table(
         table.add_column("content", ratio=1, overflow="fold")
         return table
 
-    table, rows, count = new_table(True), 0, 0
+    table, rows, count = new_table(header), 0, 0
     for m in messages:
         when = m.created_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         style = role_style.get(m.role) if color else None
@@ -174,6 +182,6 @@ def write_transcript_table(
         if rows >= chunk:
             console.print(table)
             table, rows = new_table(False), 0
-    if rows or count == 0:
+    if rows or (count == 0 and header):
         console.print(table)
     return count

@@ -9,7 +9,7 @@ the queries, and closing what they open, is `towerctl.export`'s job.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 CHUNK_ROWS = 2_000
 ROLES = ("user", "assistant")
-MAX_PAGE = 10_000_000  # --limit
+MAX_PAGE = 10_000_000  # --limit and --last
 ISO_UTC = """to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
 MESSAGE_JSON = (
     """'{"id":' || id || ',"role":' || to_json(role)::text"""
@@ -40,6 +40,8 @@ WHERE session_id = %(sid)s
 PAGE = "ORDER BY id LIMIT %(limit)s"
 PAGE_PROBE = f"SELECT ARRAY(SELECT id {FILTER} ORDER BY id LIMIT 2 OFFSET %(offset)s)"
 COUNT = f"SELECT count(*) FROM (SELECT 1 {FILTER} ORDER BY id LIMIT %(limit)s) t"
+# The first id of the selection's last N messages (a backward scan of the primary key).
+TAIL_START = f"SELECT min(id) FROM (SELECT id {FILTER} ORDER BY id DESC LIMIT %(last)s) t"
 CURSOR_EXISTS = "SELECT 1 FROM session_messages WHERE session_id = %s AND id = %s"
 # CSV: a content cell a spreadsheet would run as a formula (leading =, +, -, @, tab or
 # carriage return) gets a leading single quote, as OWASP advises; `--raw` turns it off.
@@ -86,13 +88,15 @@ class Message:
 
 @dataclass(frozen=True)
 class Selection:
-    """Which messages of a session: `after < id < before`, optionally one role, at most `limit`."""
+    """Which messages of a session: `after < id < before`, optionally one role; then at most
+    the first `limit` of them or the last `last` (never both)."""
 
     session_id: UUID
     after: int | None = None
     before: int | None = None
     role: str | None = None
     limit: int | None = None
+    last: int | None = None
 
     def params(self) -> dict[str, Any]:
         return {
@@ -110,6 +114,10 @@ def check_selection(conn: psycopg.Connection, selection: Selection) -> None:
         raise BadInput(f"--role must be user or assistant, got {selection.role!r}")
     if selection.limit is not None and not 1 <= selection.limit <= MAX_PAGE:
         raise BadInput(f"--limit must be from 1 to {MAX_PAGE:,}")
+    if selection.last is not None and not 1 <= selection.last <= MAX_PAGE:
+        raise BadInput(f"--last must be from 1 to {MAX_PAGE:,}")
+    if selection.limit is not None and selection.last is not None:
+        raise BadInput("--limit and --last cannot be used together")
     for flag, cursor in (("--after", selection.after), ("--before", selection.before)):
         if cursor is None:
             continue
@@ -117,6 +125,22 @@ def check_selection(conn: psycopg.Connection, selection: Selection) -> None:
             raise BadInput(f"{flag} must be a message id (a positive whole number)")
         if conn.execute(CURSOR_EXISTS, (selection.session_id, cursor)).fetchone() is None:
             raise NotFound(f"{flag} {cursor}: no such message in this session")
+
+
+def tail(conn: psycopg.Connection, selection: Selection) -> Selection:
+    """The selection with `--last N` turned into a lower bound: the same messages, read
+    forward. Run it in the snapshot that reads the page, so the tail is the page's tail.
+
+    The page is the end of the selection, so nothing of the selection follows it and its
+    `nextCursor` is null, as for a `--limit` page that reaches the end (`--before`
+    included: it is part of the selection, as it is for `--limit`)."""
+    if selection.last is None:
+        return selection
+    row = conn.execute(TAIL_START, selection.params() | {"last": selection.last}).fetchone()
+    start = row[0] if row else None
+    if start is None:
+        return replace(selection, last=None)  # the selection is empty: so is its tail
+    return replace(selection, after=int(start) - 1, last=None)
 
 
 def next_cursor(conn: psycopg.Connection, selection: Selection) -> int | None:

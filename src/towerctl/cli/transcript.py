@@ -15,7 +15,8 @@ from towerctl.cli.output import sigterm_raises
 from towerctl.cli.params import MESSAGE_ID, session_id_argument
 from towerctl.cli.session import MACAROON_FILE_OPTION, MACAROON_OPTION, app, authorized_session
 from towerctl.cli.state import note
-from towerctl.transcripts import MAX_PAGE, ROLES, Format
+from towerctl.errors import BadInput
+from towerctl.transcripts import MAX_PAGE, ROLES, Format, Selection
 
 
 @app.command("messages")
@@ -24,7 +25,16 @@ def messages(
     session_id: UUID = session_id_argument(),
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
     limit: int | None = typer.Option(
-        None, "--limit", click_type=click.IntRange(1, MAX_PAGE), help="At most this many messages."
+        None,
+        "--limit",
+        click_type=click.IntRange(1, MAX_PAGE),
+        help="At most this many messages: the first of the selection.",
+    ),
+    last: int | None = typer.Option(
+        None,
+        "--last",
+        click_type=click.IntRange(1, MAX_PAGE),
+        help="The last N messages of the selection, printed in order (not with --limit).",
     ),
     after: int | None = typer.Option(
         None, "--after", click_type=MESSAGE_ID, help="Only messages after this id."
@@ -47,6 +57,12 @@ def messages(
         help="CSV: keep cells starting with = + - @ tab or CR as they are "
         "(by default they get a leading ' so spreadsheets do not run them).",
     ),
+    follow: bool = typer.Option(
+        False,
+        "--follow",
+        help="Then keep printing new messages as they commit, until Ctrl-C or the session "
+        "expires (ndjson and table; reads the primary).",
+    ),
     macaroon: str | None = MACAROON_OPTION,
     macaroon_file: str | None = MACAROON_FILE_OPTION,
 ) -> None:
@@ -56,9 +72,14 @@ def messages(
     from towerctl.cli.output import Terminated, binary_stdout
 
     chosen = fmt
+    if limit is not None and last is not None:
+        raise BadInput("--limit and --last cannot be used together")
+    selection = Selection(session_id, after=after, before=before, role=role, limit=limit, last=last)
+    if follow:
+        _follow(ctx, selection, fmt, output, macaroon, macaroon_file)
+        return
     target = None if output is None or output == "-" else resolve_output(output)
-    conn, sid = authorized_session(ctx, session_id, macaroon, macaroon_file, "read")
-    selection = transcripts.Selection(sid, after=after, before=before, role=role, limit=limit)
+    conn, _ = authorized_session(ctx, session_id, macaroon, macaroon_file, "read")
     transcripts.check_selection(conn, selection)
     try:
         with sigterm_raises():
@@ -85,6 +106,43 @@ def messages(
         note(f"wrote {count} message{'s' if count != 1 else ''} to {target}")
     elif done.next_cursor is not None and chosen is not transcripts.Format.json:
         note(f"more messages follow: --after {done.next_cursor}")
+
+
+def _follow(
+    ctx: typer.Context,
+    selection: Selection,
+    fmt: Format,
+    output: str | None,
+    macaroon: str | None,
+    macaroon_file: str | None,
+) -> None:
+    """`--follow`: on the primary (notifications and the writes in flight live there)."""
+    from towerctl import auth, export, follow, keys, sessions, transcripts
+    from towerctl.cli.output import binary_stdout
+    from towerctl.cli.state import read_token, store
+
+    if output not in (None, "-"):
+        raise BadInput("--follow writes to standard output only (not -o FILE)")
+    follow.check_follow(selection, fmt)
+    token = read_token(macaroon, macaroon_file)
+    access = follow.Access(keys.load_ring(), token, selection.session_id)
+    conn = store(ctx).primary()
+    auth.authorize(conn, access.ring, token, session_id=str(selection.session_id), scope="read")
+    sessions.get_session(conn, selection.session_id)
+    transcripts.check_selection(conn, selection)
+    out = binary_stdout()
+    on_terminal = out.isatty()
+    options = export.Options(
+        fmt,
+        visible=on_terminal,
+        color=on_terminal and not os.environ.get("NO_COLOR"),
+        width=_terminal_width(),
+    )
+    try:
+        with sigterm_raises():  # SIGTERM ends the follow like Ctrl-C: normally, exit 0
+            follow.follow(conn, store(ctx).url(), access, selection, options, out)
+    except KeyboardInterrupt:
+        pass  # interrupted while starting: as normal an end as one while following
 
 
 @contextmanager
@@ -122,7 +180,6 @@ def clear_history(
     """Delete a session's messages (not its requests or ledger), recording when and by whom."""
     from towerctl.cli.state import read_token, store
     from towerctl.config import RequestLimits
-    from towerctl.errors import BadInput
     from towerctl.history import clear_history as clear
 
     grant = store(ctx).authorize(read_token(macaroon, macaroon_file), session_id, "request")
@@ -134,3 +191,7 @@ def clear_history(
             raise BadInput("not confirmed; nothing deleted")
     deleted = clear(conn, sid, info.identifier, RequestLimits.from_env().busy_wait_seconds)
     note(f"deleted {deleted} message{'s' if deleted != 1 else ''} of session {sid}")
+
+
+# `session purge` lives in its own module; importing it registers it on `session`.
+from towerctl.cli import purge as _purge  # noqa: E402, F401

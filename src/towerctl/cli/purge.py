@@ -1,0 +1,87 @@
+"""`towerctl session purge`: delete the histories of sessions expired long enough."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import typer
+
+from towerctl.cli.params import DURATION, JSON_OPTION
+from towerctl.cli.session import app
+from towerctl.cli.state import connect, note, print_json
+from towerctl.errors import BadInput
+
+
+@app.command("purge")
+def purge(
+    ctx: typer.Context,
+    expired_for: timedelta = typer.Option(
+        ...,
+        "--expired-for",
+        click_type=DURATION,
+        help="Only sessions expired at least this long ago (90s, 15m, 24h, 7d).",
+        show_default=False,
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Count what would go; delete nothing."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Delete the messages of sessions expired at least DURATION ago (requests and ledger stay)."""
+    from towerctl import purge as service
+
+    conn = connect(ctx)
+    if dry_run:
+        done = service.count(conn, expired_for)
+    else:
+        if not yes:
+            if not sys.stdin.isatty():
+                raise BadInput("refusing to purge without --yes when not on a terminal")
+            planned = service.count(conn, expired_for)
+            question = (
+                f"Delete {planned.messages} message{'s' if planned.messages != 1 else ''} of "
+                f"{planned.sessions} session{'s' if planned.sessions != 1 else ''} "
+                f"expired for at least {_shown(expired_for)}?"
+            )
+            if not typer.confirm(question, err=True):
+                raise BadInput("not confirmed; nothing deleted")
+        with _progress_display() as progress:
+            done = service.purge(conn, expired_for, progress=progress)
+    if as_json:
+        print_json(done.as_json())
+        return
+    verb = "would delete" if done.dry_run else "deleted"
+    note(
+        f"{verb} {done.messages} message{'s' if done.messages != 1 else ''} of "
+        f"{done.sessions} session{'s' if done.sessions != 1 else ''}"
+    )
+
+
+def _shown(duration: timedelta) -> str:
+    seconds = int(duration.total_seconds())
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@contextmanager
+def _progress_display() -> Iterator[Callable[[int, int, int], None] | None]:
+    """Progress on stderr when it is a terminal and NO_COLOR is not set."""
+    if not sys.stderr.isatty() or os.environ.get("NO_COLOR"):
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(file=sys.stderr), transient=True) as bar:
+        task = bar.add_task("purging", total=None)
+
+        def update(sessions: int, messages: int, total: int) -> None:
+            bar.update(task, completed=messages, total=total or None)
+            bar.update(task, description=f"purging ({sessions} sessions)")
+
+        yield update
