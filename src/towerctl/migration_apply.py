@@ -1,0 +1,202 @@
+"""Running planned steps: a transactional file in one transaction, a no-transaction file
+statement by statement under its lease."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from towerctl.errors import MigrationError
+from towerctl.migration_files import Migration, tree_checksum
+from towerctl.migration_ledger import (
+    DROP_LEASE,
+    INSERT_LEDGER,
+    INVALID_INDEXES,
+    LEASE_GRACE_SECONDS,
+    LEASE_TAG,
+    RENEW_LEASE,
+    TAKE_LEASE,
+    LeaseBusy,
+    Notify,
+    Skipped,
+    check_wait,
+    recheck,
+    statement_lock_timeout,
+    take_lock,
+    wait_for_lease,
+)
+from towerctl.migration_plan import Step
+
+if TYPE_CHECKING:
+    import psycopg
+
+
+def _failure(conn: psycopg.Connection, step: Step, current: int, error: Exception) -> Exception:
+    """The error to raise for a failed statement: the connection's own loss passes through
+    (exit 8); anything else names the file and the line (exit 7)."""
+    from towerctl.db import first_line
+
+    if conn.broken or conn.closed:
+        return error
+    statement = step.statements[current]
+    diag = getattr(error, "diag", None)
+    position = getattr(diag, "statement_position", None)
+    line = statement.line_of(int(position)) if position else statement.line
+    if step.migration.transactional:
+        hint = "nothing of this file was applied"
+    else:
+        ran = [str(s.line) for s in step.statements[:current]]
+        hint = (
+            f"no-transaction file: statements at line{'s' if len(ran) != 1 else ''} "
+            f"{', '.join(ran)} ran and stay applied; each is safe to run again"
+            if ran
+            else "no-transaction file: no statement of it ran"
+        )
+    return MigrationError(f"{step.migration.filename}, line {line}: {first_line(error)}", hint=hint)
+
+
+def _apply_transactional(
+    conn: psycopg.Connection, step: Step, wait: float, allow_out_of_order: bool,
+    notify: Notify | None,
+) -> float:  # fmt: skip
+    import psycopg
+
+    migration = step.migration
+    statement_ms = int(statement_lock_timeout() * 1000)
+    tree = tree_checksum(migration.sql)
+    while True:
+        current = -1
+        try:
+            with conn.transaction():
+                take_lock(conn, wait, notify)
+                recheck(conn, migration, allow_out_of_order)
+                conn.execute(f"SET LOCAL lock_timeout = '{statement_ms}ms'")
+                started = time.perf_counter()
+                for index, statement in enumerate(step.statements):
+                    current = index
+                    conn.execute(statement.text)
+                current = -1
+                elapsed = (time.perf_counter() - started) * 1000
+                conn.execute(
+                    INSERT_LEDGER,
+                    (migration.version, migration.name, migration.checksum, elapsed, False, tree),
+                )
+            return elapsed
+        except LeaseBusy:
+            wait_for_lease(conn, wait, notify)
+        except psycopg.Error as error:
+            if current < 0:
+                raise
+            raise _failure(conn, step, current, error) from None
+
+
+def _apply_without_transaction(
+    conn: psycopg.Connection, step: Step, wait: float, allow_out_of_order: bool,
+    notify: Notify | None,
+) -> float:  # fmt: skip
+    import psycopg
+
+    migration = step.migration
+    token = secrets.token_hex(12)
+    owner = f"pid {os.getpid()} on {socket.gethostname()}"
+    while True:
+        wait_for_lease(conn, wait, notify)
+        try:
+            with conn.transaction():
+                take_lock(conn, wait, notify)
+                recheck(conn, migration, allow_out_of_order)
+                conn.execute(
+                    TAKE_LEASE,
+                    (token, migration.version, migration.filename, owner, LEASE_GRACE_SECONDS),
+                )
+            break
+        except LeaseBusy:
+            continue
+    statement_ms = int(statement_lock_timeout() * 1000)
+    started = time.perf_counter()
+    current = 0
+    try:
+        conn.execute(f"SET lock_timeout = '{statement_ms}ms'")
+        for index, statement in enumerate(step.statements):
+            current = index
+            renewed = conn.execute(RENEW_LEASE, (LEASE_GRACE_SECONDS, token)).rowcount
+            if not renewed:
+                raise MigrationError(
+                    f"{migration.filename}: another runner took over this file's lease",
+                    hint="run towerctl migrate again",
+                )
+            # The tag lets waiters see that this statement still runs (even after a kill).
+            conn.execute(f"{statement.text}\n/* {LEASE_TAG}{token} */")
+        conn.execute("RESET lock_timeout")
+        invalid = conn.execute(INVALID_INDEXES).fetchall()
+        if invalid:
+            names = ", ".join(str(row[0]) for row in invalid)
+            raise MigrationError(
+                f"{migration.filename}: invalid index {names} (left by an interrupted "
+                "CREATE INDEX CONCURRENTLY); not recorded",
+                hint=f"DROP INDEX CONCURRENTLY {invalid[0][0]}; then run towerctl migrate again",
+            )
+        elapsed = (time.perf_counter() - started) * 1000
+        with conn.transaction():
+            take_lock(conn, wait, notify)
+            conn.execute(
+                INSERT_LEDGER,
+                (
+                    migration.version, migration.name, migration.checksum, elapsed, False,
+                    tree_checksum(migration.sql),
+                ),
+            )  # fmt: skip
+            conn.execute(DROP_LEASE, (token,))
+        return elapsed
+    except psycopg.Error as error:
+        _release(conn, token)
+        raise _failure(conn, step, current, error) from None
+    except MigrationError:
+        _release(conn, token)
+        raise
+
+
+def _release(conn: psycopg.Connection, token: str) -> None:
+    import psycopg
+
+    if conn.broken or conn.closed:
+        return
+    try:
+        conn.execute("RESET lock_timeout")
+        conn.execute(DROP_LEASE, (token,))
+    except psycopg.Error:
+        pass  # the lease expires by itself
+
+
+def apply(
+    conn: psycopg.Connection,
+    steps: Sequence[Step],
+    *,
+    lock_timeout: float = 60.0,
+    allow_out_of_order: bool = False,
+    on_applied: Callable[[Migration, float], None] | None = None,
+    notify: Notify | None = None,
+) -> list[Migration]:
+    """Apply every step in order, stopping at the first failure; a step another runner
+    applied meanwhile is skipped. Statements wait at most `statement_lock_timeout()` for a
+    table lock; the guard waits at most `lock_timeout`."""
+    check_wait(lock_timeout)
+    done: list[Migration] = []
+    for step in steps:
+        if notify:
+            notify(f"applying {step.migration.filename} …")
+        run = _apply_transactional if step.migration.transactional else _apply_without_transaction
+        try:
+            elapsed = run(conn, step, lock_timeout, allow_out_of_order, notify)
+        except Skipped:
+            if notify:
+                notify(f"{step.migration.filename} was applied by another runner meanwhile")
+            continue
+        done.append(step.migration)
+        if on_applied:
+            on_applied(step.migration, elapsed)
+    return done
