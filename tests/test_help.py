@@ -83,3 +83,15 @@ def test_a_typo_gets_exactly_one_suggestion(cli: CLI, typo: tuple[str], suggesti
     assert done.stderr.count("Did you mean") == 1
     assert f"Did you mean '{suggestion}'?" in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "path",
+    [("migrate",), ("session", "request"), ("session", "messages"), ("macaroon", "mint")],
+)
+def test_daily_commands_show_examples(cli: CLI, path: tuple[str, ...]) -> None:
+    done = cli(*path, "--help")
+    assert done.exit_code == ExitCode.OK
+    examples = done.stdout.split("Examples:", 1)[1].strip().splitlines()
+    assert len(examples) >= 2
+    assert all("towerctl " + " ".join(path) in line for line in examples if line.strip())

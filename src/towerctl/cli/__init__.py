@@ -14,6 +14,7 @@ import typer.core
 import typer.main
 
 from towerctl import __version__
+from towerctl.cli.examples import add_examples
 from towerctl.cli.output import PipeGuard, StdoutClosed
 from towerctl.cli.state import CURRENT, State, hide_tokens
 from towerctl.errors import ExitCode, TowerError
@@ -52,6 +53,7 @@ def _load(target: str, name: str) -> click.Command:
     assert isinstance(group, click.Group)
     command = group.commands[name]
     _full_summaries(command)
+    add_examples(command, (name,))
     return command
 
 
