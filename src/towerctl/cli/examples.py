@@ -14,7 +14,7 @@ EXAMPLES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("session", "request"): (
         'towerctl session request "$SESSION" "Summarise this" --macaroon-file user.token',
         'echo "a long question" | towerctl session request "$SESSION" - --macaroon-file user.token',
-        'towerctl session request "$SESSION" "hi" --idempotency-key k-1 --json --macaroon-file user.token',
+        'towerctl session request "$SESSION" "hi" --idempotency-key k-1 --json',
         "jq -c '{message: .text}' questions.json | towerctl session request \"$SESSION\" --batch",
     ),
     ("session", "messages"): (
