@@ -1,0 +1,204 @@
+"""`openai:BASE_URL`: a chat-completions endpoint under one deadline and a body cap."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from towerctl import bounds
+from towerctl.agents.base import AgentReply, ChatMessage, _tail
+
+
+class _Malformed(Exception):
+    """The agent's HTTP response is not one towerctl can use; `str()` says why, briefly."""
+
+
+class _TimedOut(Exception):
+    pass
+
+
+def _token_count(usage: dict[str, Any], key: str) -> int | None:
+    """A usage count: absent or null is unknown; anything but a whole number (bool is
+    not one) from 0 to the bound makes the response malformed."""
+    value = usage.get(key)
+    if value is None:
+        return None
+    if type(value) is not int or not 0 <= value <= bounds.REPORTED_TOKENS.default:
+        raise _Malformed(f"agent reported an invalid {key}")
+    return value
+
+
+def _parse_completion(body: bytes) -> AgentReply:
+    """The reply in a chat-completions response body (already bounded in size)."""
+    if not bounds.json_depth_within(body, bounds.JSON_DEPTH.whole_value()):
+        raise _Malformed("agent answered with JSON nested too deeply")
+    try:
+        doc: Any = json.loads(body)
+    except (ValueError, RecursionError):
+        raise _Malformed("agent answered with a body that is not JSON") from None
+    try:
+        message = doc["choices"][0]["message"]
+        refusal = message.get("refusal")
+        content = message.get("content")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise _Malformed("agent answered with an unexpected body") from None
+    if not isinstance(content, str | None) or not isinstance(refusal, str | None):
+        raise _Malformed("agent answered with an unexpected body")
+    usage = doc.get("usage")
+    if usage is not None and not isinstance(usage, dict):
+        raise _Malformed("agent reported usage that is not an object")
+    prompt = _token_count(usage, "prompt_tokens") if usage else None
+    completion = _token_count(usage, "completion_tokens") if usage else None
+    if refusal:
+        return AgentReply("rejected", refusal, prompt, completion)
+    return AgentReply("complete", content or "", prompt, completion)
+
+
+def _decoded_body(chunks: Iterator[bytes], encoding: str, cap: int, deadline: float) -> bytes:
+    """The response body, decompressed here (gzip or deflate) so that no more than
+    `cap` decompressed bytes are ever held; past it, or past the deadline, raise."""
+    encoding = encoding.strip().lower()
+    if encoding not in ("", "identity", "gzip", "x-gzip", "deflate"):
+        raise _Malformed(f"agent answered with an unsupported content encoding {encoding[:20]!r}")
+    inflater = None if encoding in ("", "identity") else zlib.decompressobj(zlib.MAX_WBITS | 32)
+    body = bytearray()
+    for chunk in chunks:
+        if time.monotonic() >= deadline:
+            raise _TimedOut()
+        if inflater is None:
+            body += chunk
+        else:
+            data = chunk
+            while data and not inflater.eof:
+                try:
+                    body += inflater.decompress(data, cap + 1 - len(body))
+                except zlib.error:
+                    raise _Malformed("agent answered with a corrupt compressed body") from None
+                if len(body) > cap:
+                    break
+                data = inflater.unconsumed_tail
+        if len(body) > cap:
+            raise _Malformed(f"agent's response is larger than {cap:,} bytes")
+    if inflater is not None and not inflater.eof:
+        raise _Malformed("agent answered with a truncated compressed body")
+    return bytes(body)
+
+
+class _Watchdog:
+    """Ends an HTTP call at its deadline, whatever phase it is in: every socket the call
+    opens is recorded (httpx's `trace` extension) and shut down when time is up, which
+    wakes any read or write blocked on it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        if not event.endswith(("connect_tcp.complete", "connect_unix_socket.complete")):
+            return
+        stream = info.get("return_value")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if isinstance(sock, socket.socket):
+            with self._lock:
+                self._sockets.append(sock)
+            if self.expired.is_set():
+                self._cut(sock)
+
+    def _expire(self) -> None:
+        self.expired.set()
+        with self._lock:
+            for sock in self._sockets:
+                self._cut(sock)
+
+    @staticmethod
+    def _cut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+
+@dataclass(frozen=True)
+class OpenAIAgent:
+    """An OpenAI-compatible `/chat/completions` endpoint.
+
+    One deadline covers the whole call (connect, send, every read); the body is read
+    decompressed up to a cap; usage counts are checked. Anything else is `failed`."""
+
+    base_url: str
+    model: str
+    api_key: str | None
+    timeout: float
+    max_body_bytes: int = bounds.http_body_bytes(int(bounds.REPLY_CHARS.default))
+    name: str = "openai"
+
+    def answer(self, session_id: str, conversation: list[ChatMessage]) -> AgentReply:
+        import httpx  # imported on use, as elsewhere here: most runs never need it
+
+        timed_out = AgentReply("failed", f"agent timed out after {self.timeout:g}s")
+        deadline = time.monotonic() + self.timeout
+        with _Watchdog(self.timeout) as watchdog:
+            try:
+                status, body = self._call(session_id, conversation, deadline, watchdog)
+            except _TimedOut:
+                return timed_out
+            except _Malformed as error:
+                return AgentReply("failed", str(error))
+            except httpx.TimeoutException:
+                return timed_out
+            except (httpx.HTTPError, httpx.InvalidURL, OSError) as error:
+                if watchdog.expired.is_set():
+                    return timed_out
+                return AgentReply("failed", f"agent unreachable: {type(error).__name__}")
+        if status >= 400:
+            detail = _tail(body.decode("utf-8", errors="replace"))[:200]
+            return AgentReply(
+                "failed", f"agent answered HTTP {status}" + (f": {detail}" if detail else "")
+            )
+        try:
+            return _parse_completion(body)
+        except _Malformed as error:
+            return AgentReply("failed", str(error))
+
+    def _call(
+        self,
+        session_id: str,
+        conversation: list[ChatMessage],
+        deadline: float,
+        watchdog: _Watchdog,
+    ) -> tuple[int, bytes]:
+        import httpx
+
+        headers = {"Accept-Encoding": "gzip, deflate"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        body = {
+            "model": self.model,
+            "messages": [{"role": m.role, "content": m.content} for m in conversation],
+            "user": session_id,
+        }
+        url = self.base_url.rstrip("/") + "/chat/completions"
+        with (
+            httpx.Client(timeout=httpx.Timeout(self.timeout)) as client,
+            client.stream(
+                "POST", url, json=body, headers=headers, extensions={"trace": watchdog.trace}
+            ) as response,
+        ):
+            encoding = response.headers.get("content-encoding", "")
+            data = _decoded_body(response.iter_raw(), encoding, self.max_body_bytes, deadline)
+            return response.status_code, data
