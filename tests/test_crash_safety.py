@@ -84,7 +84,11 @@ def kill_batches(
     """SIGKILL `session request --batch` `kills` times; check the store after each kill."""
     rng = random.Random(seed)
     s: OpenedSession = open_session(cli, DEPOSIT)
-    base_env = faults.process_env({**tower_env, "TOWER_BUSY_WAIT": "10"})
+    # A killed request's session lease runs out after the agent deadline + 5 s (echo: 5 s):
+    # a short deadline keeps that below the busy wait, so the next batch waits, not fails.
+    base_env = faults.process_env(
+        {**tower_env, "TOWER_BUSY_WAIT": "10", "TOWER_AGENT_TIMEOUT": "2"}
+    )
     outcomes: Counter[str] = Counter()
     delays: list[float] = []
     lines_at_kill: list[int] = []
@@ -126,8 +130,8 @@ def kill_batches(
 
         printed = [json.loads(line) for line in proc.complete_lines()]
         assert "Traceback" not in proc.stderr, proc.stderr
-        # Every printed outcome is a served request: none was refused as busy, so
-        # the per-session lock of an earlier killed process was released.
+        # Every printed outcome is a served request: none was refused as busy: the
+        # lease of an earlier killed process ran out within the busy wait.
         assert all(o["state"] == "complete" and o["requestId"] for o in printed), printed[:3]
         after = faults.store_figures(db_url, s.id)
         assert_money_and_messages(after)
@@ -271,6 +275,7 @@ def stop_server_mid_batch(tmp_path: Path, *, cycles: int, seed: int) -> dict[str
                 "TOWER_HOME": str(tmp_path / "home"),
                 "TOWER_ROOT_KEY": ROOT_KEY_HEX,
                 "TOWER_BUSY_WAIT": "10",
+                "TOWER_AGENT_TIMEOUT": "2",  # the lease left by a stopped batch: 2 s + 5 s
                 "NO_COLOR": "1",
             }
         )

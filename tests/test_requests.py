@@ -13,11 +13,11 @@ from agents_fixtures import exec_agent, openai_server
 from conftest import CLI, OpenedSession, assert_store_consistent, open_session
 from towerctl.config import Pricing, RequestLimits
 from towerctl.errors import ExitCode
-from towerctl.requests import context_window, cost_sats, tokens
+from towerctl.request_rules import context_window, cost_sats, tokens
 
 OUTCOME_KEYS = {
     "requestId", "sessionId", "state", "result", "reason", "errorMessage",
-    "debitedSats", "balanceRemaining", "inputTokens", "outputTokens",
+    "debitedSats", "balanceRemaining", "inputTokens", "outputTokens", "replayed", "exitCode",
 }  # fmt: skip
 
 
@@ -251,7 +251,8 @@ def test_idempotent_retry_returns_the_first_outcome(cli: CLI, db_url: str) -> No
     s = open_session(cli, 200)
     first = json.loads(request(cli, s, "pay once", "--idempotency-key", "k-1", "--json").stdout)
     again = json.loads(request(cli, s, "pay once", "--idempotency-key", "k-1", "--json").stdout)
-    assert again == first
+    assert first["replayed"] is False and again["replayed"] is True
+    assert again == first | {"replayed": True}
     assert counts(db_url) == (1, 2, 1)
     assert balance(db_url, s.id)[1] == 200 - first["debitedSats"]
 
@@ -295,6 +296,10 @@ def test_batch_with_idempotency_keys_and_a_malformed_line(cli: CLI, db_url: str)
     out = [json.loads(x) for x in result.stdout.splitlines()]
     assert [o["result"] for o in out] == ["one", "one", "two"]
     assert out[0]["requestId"] == out[1]["requestId"]
+    assert [o["replayed"] for o in out] == [False, True, False]
+    # summing what was charged over the lines that were not replays counts each debit once
+    charged = sum(o["debitedSats"] for o in out if not o["replayed"])
+    assert charged == 10_000 - balance(db_url, s.id)[1]
     assert counts(db_url) == (2, 4, 2)
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sys
 from typing import Any
+from uuid import UUID
 
 import typer
 
+from towerctl.cli.params import session_id_argument
 from towerctl.cli.session import (
     JSON_OPTION,
     MACAROON_FILE_OPTION,
@@ -57,7 +59,7 @@ def _emit_line(doc: dict[str, Any]) -> None:
 @app.command("request")
 def request(
     ctx: typer.Context,
-    session_id: str = typer.Argument(..., metavar="ID"),
+    session_id: UUID = session_id_argument(),
     message: str | None = typer.Argument(
         None, metavar="[MESSAGE|-]", help="The message; - or nothing reads it from stdin."
     ),
@@ -78,7 +80,8 @@ def request(
     macaroon_file: str | None = MACAROON_FILE_OPTION,
 ) -> None:
     """Run a request on a session: the reply on stdout; exit 0, 5 (rejected) or 6 (failed)."""
-    from towerctl import bounds, requests
+    from towerctl import batch as batches
+    from towerctl import bounds, request_rules, session_requests
     from towerctl.agents import agent_from_spec
     from towerctl.config import Pricing, RequestLimits
     from towerctl.errors import AgentFailed, BadInput, NotServed
@@ -98,7 +101,7 @@ def request(
             raise BadInput("--batch reads messages and keys from stdin; give neither on the line")
         conn, sid = authorized_session(ctx, session_id, macaroon, macaroon_file, "request")
         lines = bounds.BoundedLines(stdin_bytes(), limits.batch_line_bytes)
-        requests.run_batch(
+        batches.run_batch(
             conn,
             sid,
             lines,
@@ -109,20 +112,27 @@ def request(
             limits=limits,
         )
         return
-    text = message if message not in (None, "-") else requests.read_message(stdin_bytes(), limits)
-    assert text is not None
-    requests.validate_message(text, limits)
-    requests.validate_idempotency_key(idempotency_key)
-    conn, sid = authorized_session(ctx, session_id, macaroon, macaroon_file, "request")
-    outcome = requests.run_request(
-        conn,
-        sid,
-        text,
-        chosen,
-        idempotency_key=idempotency_key,
-        pricing=pricing,
-        limits=limits,
+    text = (
+        message if message not in (None, "-") else request_rules.read_message(stdin_bytes(), limits)
     )
+    assert text is not None
+    request_rules.validate_message(text, limits)
+    request_rules.validate_idempotency_key(idempotency_key)
+    conn, sid = authorized_session(ctx, session_id, macaroon, macaroon_file, "request")
+    try:
+        outcome = session_requests.run_request(
+            conn,
+            sid,
+            text,
+            chosen,
+            idempotency_key=idempotency_key,
+            pricing=pricing,
+            limits=limits,
+        )
+    except NotServed as refused:  # not recorded (paused, expired, busy...): say so in JSON too
+        if as_json:
+            print_json(session_requests.unrecorded_refusal(sid, str(refused)))
+        raise
     if as_json:
         print_json(outcome.as_json())
     elif outcome.state == "complete":

@@ -1,0 +1,157 @@
+"""The request guard: a lease on the session row.
+
+At most one request (or history clear) per session is in flight (SPEC 6). The
+guard is a lease written into the session row by one autocommit statement:
+
+    UPDATE sessions SET lease_owner = me, lease_until = now() + hold
+    WHERE id = sid AND (lease_until IS NULL OR lease_until < now())
+
+It uses no session-level state of the server (no advisory lock, no SET), so it
+guards the same through a transaction-pooling PgBouncer as on a direct
+connection, and a process that dies frees the session when its lease runs out.
+Every clock reading is the server's `now()`, never the client's.
+
+- The lease lasts the agent's whole deadline plus `MARGIN_SECONDS`, so a live
+  request never outlives it unless its final write is delayed that long.
+- The final write of a request re-checks `lease_owner = me` in the same
+  statement that records the outcome and releases the lease: a request whose
+  lease ran out and was taken by another writes nothing (`LeaseLost`), so a lost
+  lease never yields a debit without its request, or two concurrent debits.
+- Every other way out releases it (`release`, in a `finally`), unless the
+  connection itself is gone: then the lease runs out on its own.
+- A second request polls with backoff for at most the busy wait
+  (`TOWER_BUSY_WAIT`; 0 refuses at once) and is then refused as busy (exit 5),
+  having written nothing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from uuid import UUID
+
+from towerctl.errors import NotFound, NotServed
+
+if TYPE_CHECKING:
+    import psycopg
+
+T = TypeVar("T")
+
+MARGIN_SECONDS = 5.0  # beyond the agent's deadline: reading, writing, starting the agent
+FIRST_BACKOFF = 0.01
+MAX_BACKOFF = 0.25
+
+# The state as a reader sees it (expired once its time has come), the balance.
+TAKE = """
+UPDATE sessions
+SET lease_owner = %(me)s, lease_until = now() + make_interval(secs => %(hold)s)
+WHERE id = %(sid)s AND (lease_until IS NULL OR lease_until < now())
+RETURNING CASE WHEN state <> 'expired' AND expires_at <= now() THEN 'expired' ELSE state END,
+          balance_sats"""
+# Why a take failed: no such session, or how long the holder's lease still runs.
+# (The comment lets a test see a waiter in pg_stat_activity.)
+HOLDER = """/* towerctl: waiting for the session lease */
+SELECT greatest(extract(epoch FROM lease_until - now()), 0)::float8
+FROM sessions WHERE id = %(sid)s"""
+RELEASE = """
+UPDATE sessions SET lease_owner = NULL, lease_until = NULL
+WHERE id = %(sid)s AND lease_owner = %(me)s"""
+
+
+class LeaseLost(NotServed):
+    """The lease ran out before the final write and another request holds it now."""
+
+
+class SessionLease(Generic[T]):
+    """The lease of one request on one session; a context manager that releases it.
+
+    `take(reads)` runs `reads()` (statements that need the lease) in the same
+    pipeline as the take, so they cost no extra round trip; their results count
+    only once the take succeeded. The final write should release the lease itself
+    (`RELEASE_IN_WRITE` as a CTE) and then call `released()`.
+    """
+
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        session_id: UUID,
+        *,
+        hold_seconds: float,
+        wait_seconds: float,
+    ) -> None:
+        self.conn = conn
+        self.session_id = session_id
+        self.owner = uuid.uuid4()
+        self.hold_seconds = hold_seconds
+        self.wait_seconds = wait_seconds
+        self.held = False
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"sid": self.session_id, "me": self.owner, "hold": self.hold_seconds}
+
+    def take(self, reads: Callable[[], T]) -> tuple[tuple[Any, ...], T]:
+        """(the session's state and balance, the reads' results), once the lease is held.
+
+        NotFound when there is no such session; NotServed (busy) when another request
+        held the lease for longer than the busy wait."""
+        deadline = time.monotonic() + self.wait_seconds
+        backoff = FIRST_BACKOFF
+        while True:
+            with self.conn.pipeline():
+                taken = self.conn.execute(TAKE, self.params)
+                extra = reads()
+            row = taken.fetchone()
+            if row is not None:
+                self.held = True
+                return row, extra
+            holder = self.conn.execute(HOLDER, self.params).fetchone()
+            if holder is None:
+                raise NotFound(f"no session {self.session_id}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NotServed(
+                    f"session {self.session_id} is busy with another request",
+                    hint=f"waited {self.wait_seconds:g}s (TOWER_BUSY_WAIT); retry later",
+                )
+            # Sleep no longer than the holder's lease has left, nor past the busy wait.
+            time.sleep(max(min(backoff, left, float(holder[0]) + 0.001), 0.001))
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def released(self) -> None:
+        """The final write released the lease (or found it lost): nothing left to do."""
+        self.held = False
+
+    def release(self) -> None:
+        """Give the lease back (only ours: a lease that ran out and was taken stays)."""
+        if not self.held:
+            return
+        self.held = False
+        if not self.conn.closed and not self.conn.broken:
+            self.conn.execute(RELEASE, self.params)
+
+    def __enter__(self) -> SessionLease[T]:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        try:
+            self.release()
+        except Exception:
+            if kind is None:
+                raise
+            # Already failing: the first error is the one to report; the lease runs out.
+
+
+def hold_seconds(agent_name: str, agent_deadline: float) -> float:
+    """How long a request's lease lasts: the agent's whole deadline and a margin.
+
+    The echo agent answers in-process at once and has no deadline: the margin alone."""
+    return (0.0 if agent_name == "echo" else agent_deadline) + MARGIN_SECONDS

@@ -1,0 +1,324 @@
+"""One session request: validate, take the session's lease, build the context, call
+the agent, then write the request row, the debit, the balance and both messages,
+and give the lease back, in ONE statement.
+
+Money rules (SPEC 6, formulas in `request_rules`):
+- a request whose minimum cost (no output) exceeds the balance is `rejected`,
+  debits nothing and pauses the session;
+- completed work is charged up to the balance, never below zero; a session left
+  with less than `eval fee + 1` sat is paused; rejected and failed debit nothing.
+
+At most one request per session is in flight: the session row's lease (`lease`)
+is taken, in the same round trip as the reads the request needs, before the
+context is read, and released by the statement that writes the outcome, which
+writes nothing when the lease was lost. No transaction is open while the agent runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from towerctl.agents import Agent, AgentReply, ChatMessage
+from towerctl.config import Pricing, RequestLimits
+from towerctl.errors import BadInput, ExitCode, NotServed
+from towerctl.lease import MARGIN_SECONDS, LeaseLost, SessionLease, hold_seconds
+from towerctl.request_rules import (
+    bounded_reply,
+    context_window,
+    cost_sats,
+    message_digest,
+    plausible,
+    tokens,
+    validate_idempotency_key,
+    validate_message,
+)
+from towerctl.sessions import IDLE_LIFETIME
+
+if TYPE_CHECKING:
+    import psycopg
+
+READ_HISTORY = """
+SELECT role, content, token_count FROM session_messages
+WHERE session_id = %s ORDER BY id DESC LIMIT %s"""
+FIND_BY_KEY = """
+SELECT r.id, r.state, r.reason, r.error_message, r.debited_sats, r.balance_after_sats,
+       r.input_tokens, r.output_tokens, r.message_sha256,
+       (SELECT m.content FROM session_messages m
+        WHERE m.session_id = r.session_id AND m.session_request_id = r.id
+          AND m.role = 'assistant' LIMIT 1)
+FROM session_requests r WHERE r.session_id = %s AND r.idempotency_key = %s"""
+RECORD = f"""
+WITH s AS (
+    -- only while this request holds the lease: a lost lease writes nothing
+    SELECT id, balance_sats FROM sessions
+    WHERE id = %(sid)s AND lease_owner = %(me)s FOR UPDATE
+), req AS (
+    INSERT INTO session_requests (
+        session_id, state, agent, reason, error_message, input_tokens, output_tokens,
+        cost_sats, debited_sats, balance_after_sats, idempotency_key, message_sha256,
+        completed_at)
+    SELECT s.id, %(state)s::text, %(agent)s, %(reason)s, %(error)s, %(in)s, %(out)s,
+           %(cost)s::bigint,
+           CASE WHEN %(state)s::text = 'complete' THEN least(%(cost)s::bigint, s.balance_sats)
+                ELSE 0 END,
+           s.balance_sats
+             - CASE WHEN %(state)s::text = 'complete' THEN least(%(cost)s::bigint, s.balance_sats)
+                    ELSE 0 END,
+           %(key)s, %(digest)s, now()
+    FROM s
+    RETURNING session_id, id, debited_sats, balance_after_sats
+), balance AS (
+    UPDATE sessions
+    SET balance_sats = req.balance_after_sats,
+        state = CASE WHEN sessions.state = 'expired' OR sessions.expires_at <= now()
+                          THEN 'expired'
+                     WHEN %(pause)s OR req.balance_after_sats < %(floor)s THEN 'paused'
+                     ELSE sessions.state END,
+        last_activity_at = now(),
+        lease_owner = NULL,
+        lease_until = NULL,
+        expires_at = CASE WHEN sessions.state = 'expired' OR sessions.expires_at <= now()
+                          THEN sessions.expires_at
+                          ELSE now() + interval '{IDLE_LIFETIME}' END
+    FROM req WHERE sessions.id = req.session_id
+    RETURNING sessions.state
+), debit AS (
+    INSERT INTO balance_ledger (session_id, kind, amount_sats, session_request_id)
+    SELECT session_id, 'debit', debited_sats, id FROM req WHERE debited_sats > 0
+), messages AS (
+    INSERT INTO session_messages (session_id, role, content, session_request_id, token_count)
+    SELECT req.session_id, m.role, m.content, req.id, m.tokens
+    FROM req, (VALUES (1, 'user', %(user)s::text, %(user_tokens)s::int),
+                      (2, 'assistant', %(reply)s::text, %(reply_tokens)s::int))
+              AS m(ord, role, content, tokens)
+    WHERE m.content <> ''
+    ORDER BY m.ord
+)
+SELECT req.id, req.debited_sats, req.balance_after_sats, balance.state FROM req, balance"""
+
+
+@dataclass(frozen=True)
+class RequestOutcome:
+    request_id: int | None
+    session_id: UUID
+    state: str  # complete | rejected | failed
+    result: str | None
+    reason: str | None
+    error_message: str | None
+    debited_sats: int
+    balance_remaining: int | None
+    input_tokens: int
+    output_tokens: int
+    replayed: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "requestId": self.request_id,
+            "sessionId": str(self.session_id),
+            "state": self.state,
+            "result": self.result,
+            "reason": self.reason,
+            "errorMessage": self.error_message,
+            "debitedSats": self.debited_sats,
+            "balanceRemaining": self.balance_remaining,
+            "inputTokens": self.input_tokens,
+            "outputTokens": self.output_tokens,
+            "replayed": self.replayed,
+            "exitCode": int(self.exit_code),
+        }
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return OUTCOME_CODES[self.state]
+
+
+OUTCOME_CODES = {
+    "complete": ExitCode.OK,
+    "rejected": ExitCode.NOT_SERVED,
+    "failed": ExitCode.AGENT_FAILED,
+}
+GONE = "SELECT 1 FROM sessions WHERE id = %s"
+
+
+def unrecorded_refusal(session_id: UUID, reason: str) -> dict[str, Any]:
+    """The outcome document of a request refused without being recorded (paused, expired,
+    awaiting payment, busy, lease lost): no request id, state `rejected`, exit code 5."""
+    return RequestOutcome(
+        request_id=None,
+        session_id=session_id,
+        state="rejected",
+        result=None,
+        reason=reason,
+        error_message=None,
+        debited_sats=0,
+        balance_remaining=None,
+        input_tokens=0,
+        output_tokens=0,
+    ).as_json()
+
+
+def _replay(
+    session_id: UUID, message: str, key: str, row: tuple[Any, ...] | None
+) -> RequestOutcome | None:
+    """The first outcome of an idempotency key, from its FIND_BY_KEY row."""
+    if row is None:
+        return None
+    rid, state, reason, error, debited, balance_after, tin, tout, digest, reply = row
+    if digest is not None and digest != message_digest(message):
+        raise BadInput(
+            f"idempotency key {key!r} was already used for a different message",
+            hint="use a new key for a new request",
+        )
+    return RequestOutcome(
+        request_id=rid,
+        session_id=session_id,
+        state=state,
+        result=reply if state == "complete" else None,
+        reason=reason,
+        error_message=error,
+        debited_sats=debited,
+        balance_remaining=balance_after,
+        input_tokens=tin,
+        output_tokens=tout,
+        replayed=True,
+    )
+
+
+def _record(
+    conn: psycopg.Connection,
+    lease: SessionLease[Any],
+    message: str,
+    reply: AgentReply,
+    *,
+    agent: str,
+    key: str | None,
+    input_tokens: int,
+    output_tokens: int,
+    cost: int,
+    pause: bool,
+    pricing: Pricing,
+) -> RequestOutcome:
+    """Write the outcome and release the lease, in one statement; nothing when it was lost."""
+    session_id = lease.session_id
+    reason = reply.text if reply.state == "rejected" else None
+    error = reply.text if reply.state == "failed" else None
+    params = lease.params | {
+        "state": reply.state,
+        "agent": agent,
+        "reason": reason,
+        "error": error,
+        "in": input_tokens,
+        "out": output_tokens,
+        "cost": cost if reply.state == "complete" else 0,
+        "key": key,
+        "digest": message_digest(message),
+        "pause": pause,
+        "floor": pricing.eval_fee_sats + 1,
+        "user": message,
+        "user_tokens": tokens(message),
+        "reply": reply.text,
+        "reply_tokens": tokens(reply.text),
+    }
+    row = conn.execute(RECORD, params).fetchone()
+    lease.released()  # by the statement above, or lost to another request
+    if row is None:
+        if conn.execute(GONE, (session_id,)).fetchone() is None:
+            raise NotServed(f"session {session_id} is gone")
+        raise LeaseLost(
+            f"session {session_id}: this request's lease ran out before its outcome was "
+            "written, and another request holds the session now; nothing was recorded "
+            "or charged",
+            hint=f"the lease lasts the agent deadline + {MARGIN_SECONDS:g}s; retry",
+        )
+    rid, debited, balance_after, _state = row
+    return RequestOutcome(
+        request_id=rid,
+        session_id=session_id,
+        state=reply.state,
+        result=reply.text if reply.state == "complete" else None,
+        reason=reason,
+        error_message=error,
+        debited_sats=debited,
+        balance_remaining=balance_after,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+    )
+
+
+def run_request(
+    conn: psycopg.Connection,
+    session_id: UUID,
+    message: str,
+    agent: Agent,
+    *,
+    idempotency_key: str | None = None,
+    pricing: Pricing | None = None,
+    limits: RequestLimits | None = None,
+) -> RequestOutcome:
+    """Serve one request on a session (the caller has authorised it)."""
+    pricing = pricing or Pricing()
+    limits = limits or RequestLimits()
+    validate_message(message, limits)
+    key = validate_idempotency_key(idempotency_key)
+    lease: SessionLease[tuple[psycopg.Cursor[Any] | None, psycopg.Cursor[Any]]] = SessionLease(
+        conn,
+        session_id,
+        hold_seconds=hold_seconds(agent.name, limits.agent_timeout_seconds),
+        wait_seconds=limits.busy_wait_seconds,
+    )
+
+    def reads() -> tuple[psycopg.Cursor[Any] | None, psycopg.Cursor[Any]]:
+        # In the take's pipeline: the replay check and the history, one round trip.
+        replay = conn.execute(FIND_BY_KEY, (session_id, key)) if key else None
+        return replay, conn.execute(READ_HISTORY, (session_id, limits.context_messages))
+
+    with lease:
+        (state, balance), (replay, recent) = lease.take(reads)
+        earlier = _replay(session_id, message, key, replay.fetchone()) if key and replay else None
+        if earlier is not None:
+            return earlier
+        if state in ("expired", "awaiting_payment"):
+            raise NotServed(f"session {session_id} is {state.replace('_', ' ')}")
+        if state == "paused":
+            raise NotServed(f"session {session_id} is paused", hint="top it up to resume")
+        context = context_window(recent.fetchall(), limits)
+        conversation = [*context, ChatMessage("user", message)]
+        input_tokens = sum(tokens(m.content) for m in conversation)
+        minimum = cost_sats(pricing, input_tokens, 0)
+        if minimum > balance:
+            reason = (
+                f"insufficient balance: this request costs at least {minimum} sats "
+                f"and the session holds {balance}"
+            )
+            return _record(
+                conn,
+                lease,
+                message,
+                AgentReply("rejected", reason),
+                input_tokens=input_tokens,
+                output_tokens=0,
+                cost=0,
+                pause=True,
+                agent=agent.name,
+                key=key,
+                pricing=pricing,
+            )
+        reply = bounded_reply(agent.answer(str(session_id), conversation), limits)
+        estimate = tokens(reply.text) if reply.state == "complete" else 0
+        input_tokens = plausible(reply.input_tokens, input_tokens)
+        output_tokens = plausible(reply.output_tokens, estimate)
+        return _record(
+            conn,
+            lease,
+            message,
+            reply,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost=cost_sats(pricing, input_tokens, output_tokens),
+            pause=False,
+            agent=agent.name,
+            key=key,
+            pricing=pricing,
+        )
