@@ -67,7 +67,8 @@ CHECKS: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "requests_have_user_messages",
-        "every request has its user message, unless the session's history was cleared after it",
+        "every request has its user message, unless the session's history was cleared"
+        " (clear-history) or purged (session purge) after it",
         """
         SELECT r.session_id::text, r.id
         FROM session_requests r
@@ -78,6 +79,15 @@ CHECKS: tuple[tuple[str, str, str], ...] = (
           AND NOT EXISTS (
             SELECT 1 FROM session_history_clears c
             WHERE c.session_id = r.session_id AND c.last_request_id >= r.id)
+        """,
+    ),
+    (
+        "purges_only_expired_sessions",
+        "every purged history belonged to a session already expired when it was purged",
+        """
+        SELECT c.session_id::text, c.id, c.cleared_at
+        FROM session_history_clears c JOIN sessions s ON s.id = c.session_id
+        WHERE c.macaroon_identifier = 'purge' AND s.expires_at > c.cleared_at
         """,
     ),
     (
