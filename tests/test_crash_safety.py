@@ -398,8 +398,11 @@ def write_migrations(folder: Path, tables: int, index_version: int) -> list[int]
 
 
 def migration_state(url: str) -> tuple[list[int], set[str], bool | None]:
-    """(ledger versions in order, tables t*, whether the index is valid / None if absent)."""
-    with psycopg.connect(url, autocommit=True) as c:
+    """(ledger versions in order, tables t*, whether the index is valid / None if absent),
+    from one snapshot: a killed runner's last file may still commit on the server meanwhile
+    (a transactional file is sent whole, in one round trip)."""
+    with psycopg.connect(url, autocommit=True) as c, c.transaction():
+        c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         exists = c.execute("SELECT to_regclass('tower_schema_migrations') IS NOT NULL").fetchone()
         ledger = (
             [r[0] for r in c.execute("SELECT version FROM tower_schema_migrations ORDER BY 1")]

@@ -3,6 +3,7 @@ statement by statement under its lease."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -14,7 +15,10 @@ from towerctl.errors import MigrationError
 from towerctl.migration_files import Migration, tree_checksum
 from towerctl.migration_ledger import (
     DROP_LEASE,
+    FAST_GUARD,
+    FAST_PATH_REFUSED,
     INSERT_LEDGER,
+    INSERT_LEDGER_TIMED,
     INVALID_INDEXES,
     LEASE_GRACE_SECONDS,
     LEASE_TAG,
@@ -68,6 +72,9 @@ def _apply_transactional(
     migration = step.migration
     statement_ms = int(statement_lock_timeout() * 1000)
     tree = tree_checksum(migration.sql)
+    fast = _apply_in_one_round_trip(conn, step, statement_ms, tree, allow_out_of_order)
+    if fast is not None:
+        return fast
     while True:
         current = -1
         try:
@@ -92,6 +99,59 @@ def _apply_transactional(
             if current < 0:
                 raise
             raise _failure(conn, step, current, error) from None
+
+
+def _apply_in_one_round_trip(
+    conn: psycopg.Connection, step: Step, statement_ms: int, tree: str, allow_out_of_order: bool
+) -> float | None:
+    """The whole transaction (guard, statements, ledger row, COMMIT) sent as one pipeline: one
+    round trip. None when the guard found the lock taken or the ledger changed (nothing ran):
+    the caller then takes the step-by-step path."""
+    import psycopg
+
+    migration = step.migration
+    guard = FAST_GUARD % {
+        "version": int(migration.version),
+        "out_of_order": "true" if allow_out_of_order else "false",
+    }
+    cursors: list[psycopg.Cursor[tuple[object, ...]]] = []
+    # BEGIN and COMMIT are sent by hand: conn.transaction() waits for BEGIN's reply. After an
+    # error the server skips everything up to the Sync at the end of the pipeline (COMMIT too).
+    try:
+        with conn.pipeline():
+            conn.execute("BEGIN")
+            cursors.append(conn.execute(guard))
+            cursors.append(conn.execute(f"SET LOCAL lock_timeout = '{statement_ms}ms'"))
+            for statement in step.statements:
+                cursors.append(conn.execute(statement.text))
+            ledger = conn.execute(
+                INSERT_LEDGER_TIMED, (migration.version, migration.name, migration.checksum, tree)
+            )
+            cursors.append(ledger)
+            conn.execute("COMMIT")
+    except psycopg.Error as error:
+        _roll_back(conn)
+        # The first cursor without a result is the one that failed (later ones were skipped).
+        failed = next((i for i, c in enumerate(cursors) if c.pgresult is None), -1)
+        if failed == 0 and getattr(error, "sqlstate", None) == FAST_PATH_REFUSED:
+            return None
+        current = failed - 2
+        if not 0 <= current < len(step.statements):
+            raise
+        raise _failure(conn, step, current, error) from None
+    row = ledger.fetchone()
+    return float(row[0]) if row else 0.0
+
+
+def _roll_back(conn: psycopg.Connection) -> None:
+    """End the failed transaction of the fast path (the server keeps it open, aborted)."""
+    import psycopg
+
+    if conn.broken or conn.closed:
+        return
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        with contextlib.suppress(psycopg.Error):  # the error being raised says more
+            conn.execute("ROLLBACK")
 
 
 def _apply_without_transaction(

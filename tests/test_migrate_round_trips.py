@@ -1,0 +1,114 @@
+"""A transactional file costs one round trip; errors still name the file and the line."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import pq
+
+from conftest import CLI
+from towerctl import db, migrations
+from towerctl.errors import ExitCode, MigrationError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def write(folder: Path, name: str, body: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(body)
+
+
+def syncs_during(conn: psycopg.Connection, action: object) -> int:
+    """How many times the client waited for the server: one Sync (extended protocol) or
+    Query (simple protocol) message each."""
+    with tempfile.TemporaryFile("w+") as trace:
+        conn.pgconn.trace(trace.fileno())
+        conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            action()  # type: ignore[operator]
+        finally:
+            conn.pgconn.untrace()
+        trace.seek(0)
+        return sum(1 for line in trace if re.match(r"F\t[0-9]+\t(Sync|Query)\b", line))
+
+
+def test_pending_file_is_one_round_trip_and_up_to_date_is_two(empty_db_url: str, tmp_path: Path):
+    folder = tmp_path / "m"
+    write(folder, "0001_a.sql", "CREATE TABLE a (id int);\n")
+    conn = db.connect(empty_db_url)
+    try:
+        migrations.migrate(conn, folder)
+        body = "".join(
+            f"CREATE TABLE t{i} (id int);\nINSERT INTO t{i} VALUES ({i});\n" for i in range(20)
+        )
+        write(folder, "0002_b.sql", body)
+        # read the ledger (2), is it up to date (1), the file with its guard and ledger row (1)
+        assert syncs_during(conn, lambda: migrations.migrate(conn, folder)) == 4
+        assert syncs_during(conn, lambda: migrations.migrate(conn, folder)) == 2
+        rows = conn.execute(
+            "SELECT version, execution_ms >= 0 FROM tower_schema_migrations ORDER BY 1"
+        ).fetchall()
+        assert rows == [(1, True), (2, True)]
+        assert conn.execute("SELECT count(*) FROM t19").fetchone() == (1,)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "line", "words"),
+    [
+        # a runtime error the server gives no position for: found by the failed statement
+        ("CREATE TABLE u (id int PRIMARY KEY);\n\nINSERT INTO u VALUES (1);\n"
+         "INSERT INTO u\n  VALUES (1);\n", 4, "duplicate key"),
+        # an error with a position inside a statement that spans lines
+        ("CREATE TABLE v (id int);\nSELECT\n  1,\n  nosuchcolumn\nFROM v;\n", 4, "nosuchcolumn"),
+        ("SELECT 1;\nSELECT 1 / 0;\n", 2, "division by zero"),
+    ],
+)  # fmt: skip
+def test_failure_names_file_and_line_and_applies_nothing(
+    cli: CLI, empty_db_url: str, tmp_path: Path, body: str, line: int, words: str
+) -> None:
+    folder = tmp_path / "m"
+    write(folder, "0001_bad.sql", body)
+    result = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
+    assert result.exit_code == ExitCode.MIGRATION, result.stderr
+    assert f"0001_bad.sql, line {line}:" in result.stderr
+    assert words in result.stderr
+    assert "nothing of this file was applied" in result.stderr
+    with psycopg.connect(empty_db_url) as c:
+        assert c.execute("SELECT to_regclass('u'), to_regclass('v')").fetchone() == (None, None)
+        assert c.execute("SELECT count(*) FROM tower_schema_migrations").fetchone() == (0,)
+        # the connection is usable again: the failed transaction was rolled back
+    conn = db.connect(empty_db_url)
+    try:
+        with pytest.raises(MigrationError, match=f"line {line}:"):
+            migrations.migrate(conn, folder)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        conn.close()
+
+
+def test_lock_taken_falls_back_to_waiting_and_names_the_holder(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "m"
+    write(folder, "0001_a.sql", "CREATE TABLE a (id int);\n")
+    write(folder, "0002_b.sql", "CREATE TABLE b (id int);\n")
+    conn = db.connect(empty_db_url)
+    seen: list[str] = []
+    try:
+        migrations.migrate(conn, folder, target=1)
+        with psycopg.connect(empty_db_url, autocommit=True) as holder:
+            holder.execute("SELECT pg_advisory_lock(%s)", (migrations.LOCK_KEY,))
+            with pytest.raises(MigrationError, match="held the lock"):
+                migrations.migrate(conn, folder, lock_timeout=0.3, notify=seen.append)
+        assert any("waiting for another migration runner's lock (pid" in s for s in seen), seen
+        assert [m.version for m in migrations.migrate(conn, folder)] == [2]
+    finally:
+        conn.close()
+    assert os.path.isdir(folder)
