@@ -13,6 +13,7 @@ from towerctl.errors import DatabaseUnreachable, MigrationError, TowerError
 
 if TYPE_CHECKING:
     import psycopg
+    from psycopg import Connection as Connection  # for layers above that must not import psycopg
 
 
 def describe(url: str) -> str:

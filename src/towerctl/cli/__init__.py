@@ -199,9 +199,7 @@ def _complete(instruction: str) -> int:
 
 
 def _classify(error: BaseException) -> TowerError | None:
-    """A database failure the contract names (only when psycopg was ever imported)."""
-    if "psycopg" not in sys.modules:
-        return None
+    """A database failure the contract names, or None (`db.classify` decides)."""
     from towerctl.db import classify
 
     return classify(error)

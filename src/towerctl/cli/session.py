@@ -14,8 +14,7 @@ from towerctl.cli.state import connect, print_json, read_connect
 from towerctl.sessions import STATES
 
 if TYPE_CHECKING:
-    import psycopg
-
+    from towerctl.db import Connection
     from towerctl.sessions import Session
 
 
@@ -130,7 +129,7 @@ def authorized_session(
     token: str | None,
     token_file: str | None,
     scope: str,
-) -> tuple[psycopg.Connection, UUID]:
+) -> tuple[Connection, UUID]:
     """(connection, session UUID) once the macaroon authorises `scope` on the session:
     the read replica's connection for `read` (when one is configured), else the primary's."""
     from towerctl.cli.state import read_token, store

@@ -12,8 +12,7 @@ from uuid import UUID
 import typer
 
 if TYPE_CHECKING:
-    import psycopg
-
+    from towerctl.db import Connection
     from towerctl.store import Store
 
 TOKEN_LIKE_CHARS = 32  # shorter text is never a usable macaroon (real ones are 100+)
@@ -52,12 +51,12 @@ def store(ctx: typer.Context) -> Store:
     return shared.store
 
 
-def connect(ctx: typer.Context) -> psycopg.Connection:
+def connect(ctx: typer.Context) -> Connection:
     """The primary: every write goes here."""
     return store(ctx).primary()
 
 
-def read_connect(ctx: typer.Context) -> psycopg.Connection:
+def read_connect(ctx: typer.Context) -> Connection:
     """The read replica when one is configured, else the primary."""
     return store(ctx).reader()
 
