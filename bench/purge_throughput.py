@@ -104,7 +104,8 @@ def main() -> int:
         import pgserver  # the tests' own throwaway server (127.0.0.1, password auth)
 
         with pgserver.pg_server() as server:
-            version = server.connect().execute("SHOW server_version").fetchone()
+            with server.connect() as probe:
+                version = probe.execute("SHOW server_version").fetchone()
             print(f"PostgreSQL {version[0] if version else '?'}", file=sys.stderr)
             runs = [one_run(server.url(), args.messages, args.sessions, home)
                     for _ in range(args.runs)]  # fmt: skip
