@@ -79,7 +79,9 @@ class Bench(StartupWorkloads, MigrationWorkloads, RequestWorkloads, ExportWorklo
 
         version = ratio("a.version", "import typer")
         uptodate = ratio("b.uptodate", "psycopg floor")
+        helped = ratio("a.help", "import typer")
         many = ratio("d.migrations", "dbmate")
+        floor = ratio("d.migrations", "psql (server floor)")
         yoyo = ratio("c.project", "yoyo")
         batch = ratio("e.batch", "pgbench")
         throughput = None if batch is None else 1 / batch
@@ -91,12 +93,20 @@ class Bench(StartupWorkloads, MigrationWorkloads, RequestWorkloads, ExportWorklo
         linear = self.export_linearity()
         linear_cpu = self.export_linearity(cpu=True)
         return [
-            Target("--version ≤ 1.3× import typer", version, 1.3, False, shown(version)),
+            Target("--version ≤ 1.1× import typer", version, 1.1, False, shown(version)),
+            Target("--help ≤ 1.1× import typer", helped, 1.1, False, shown(helped)),
             Target(
-                "up-to-date migrate ≤ 1.3× psycopg floor", uptodate, 1.3, False, shown(uptodate)
+                "up-to-date migrate ≤ 1.15× psycopg floor", uptodate, 1.15, False, shown(uptodate)
             ),
             Target(
-                f"{self.profile.migrations} migrations ≤ 0.8× dbmate", many, 0.8, False, shown(many)
+                f"{self.profile.migrations} migrations ≤ 1.0× dbmate", many, 1.0, False, shown(many)
+            ),
+            Target(
+                f"{self.profile.migrations} migrations ≤ 1.1× psql server floor",
+                floor,
+                1.1,
+                False,
+                shown(floor),
             ),
             Target("project's migrations faster than yoyo", yoyo, 1.0, False, shown(yoyo)),
             Target(

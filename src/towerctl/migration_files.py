@@ -9,10 +9,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from towerctl import sqlsplit
 from towerctl.errors import BadInput, MigrationError
-from towerctl.sqlsplit import Statement
+
+if TYPE_CHECKING:
+    from towerctl.sqlsplit import Statement
 
 FILE_NAME = re.compile(r"^([0-9]+)_([A-Za-z0-9][A-Za-z0-9_.\-]*)\.sql$", re.ASCII | re.IGNORECASE)
 MIGRATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", re.ASCII)
@@ -44,6 +46,8 @@ def checksum(data: bytes) -> str:
 
 def tree_checksum(sql: str) -> str:
     """SHA-256 of the file's parse tree without locations: unchanged by cosmetic edits."""
+    from towerctl import sqlsplit  # pglast: only when a file is parsed
+
     tree = sqlsplit.parse_tree(sql.removeprefix(BOM))
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
@@ -129,6 +133,8 @@ def check_statements(migration: Migration) -> tuple[Statement, ...]:
     file and line of anything the run would refuse: a syntax error, transaction control, a COPY
     that needs the client's data stream, a statement that cannot run in (or, in a no-transaction
     file, cannot safely re-run outside) a transaction."""
+    from towerctl import sqlsplit  # pglast: only when a file is parsed
+
     name = migration.filename
     try:
         statements = sqlsplit.parse_script(migration.sql)
@@ -177,6 +183,8 @@ def _first_words(statement: Statement) -> str:
 
 
 def tree_or_none(migration: Migration) -> str | None:
+    from towerctl import sqlsplit  # pglast: only when a file is parsed
+
     try:
         return tree_checksum(migration.sql)
     except sqlsplit.SQLSyntaxError:

@@ -6,10 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from towerctl.errors import BadInput, MigrationError
 from towerctl.migration_files import Migration, check_statements, check_version
-from towerctl.sqlsplit import Statement
+
+if TYPE_CHECKING:
+    from towerctl.sqlsplit import Statement
 
 
 @dataclass(frozen=True)

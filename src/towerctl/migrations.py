@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from towerctl import sqlsplit
 from towerctl.errors import BadInput, MigrationError
 from towerctl.migration_apply import apply
 from towerctl.migration_files import (
@@ -183,6 +182,8 @@ def repair(
     """Accept an applied file's new checksum when PostgreSQL's parser reads the same statements
     from it as from the file that was applied (or with `force`); record the repair.
     Returns None when the file already matches its ledger row."""
+    from towerctl.sqlsplit import SQLSyntaxError  # pglast: only when a file is parsed
+
     check_wait(lock_timeout)
     check_version(version, "version")
     files = [m for m in discover(directory) if m.version == version]
@@ -194,7 +195,7 @@ def repair(
     migration = files[0]
     try:
         new_tree = tree_checksum(migration.sql)
-    except sqlsplit.SQLSyntaxError as error:
+    except SQLSyntaxError as error:
         if not force:
             raise MigrationError(f"{migration.filename}: {error}") from None
         new_tree = None
