@@ -30,7 +30,7 @@ import psycopg
 url, sid, seconds, seed = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 random.seed(seed)
 end = time.monotonic() + seconds
-with psycopg.connect(url) as c:
+with psycopg.connect(url, prepare_threshold=None) as c:
     n = 0
     while time.monotonic() < end:
         with c.transaction():
