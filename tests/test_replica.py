@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from towerctl.errors import ExitCode
 
 pytestmark = pytest.mark.timeout(180)
 DB = "replica_test"
+TOWERCTL = [sys.executable, "-m", "towerctl"]
 
 
 @dataclass
@@ -245,3 +246,94 @@ def test_export_from_the_replica_while_the_primary_is_down(pair: Pair) -> None:
         assert shown.returncode == ExitCode.OK, shown.stderr
     finally:
         pair.primary.start()
+
+
+SEED = """
+WITH r AS (
+    INSERT INTO session_requests (session_id, state, agent)
+    VALUES (%(sid)s, 'complete', 'echo') RETURNING id
+)
+INSERT INTO session_messages (session_id, role, content, session_request_id, token_count)
+SELECT %(sid)s, 'user', 'message ' || g || ' ' || repeat('lorem ipsum ', 8), r.id, 30
+FROM r, generate_series(1, %(n)s) AS g"""
+
+
+def test_a_recovery_conflict_is_a_clear_error_never_a_wrong_page(pair: Pair) -> None:
+    """The standby cancels towerctl's read to replay a VACUUM that removes rows its
+    snapshot may still need (max_standby_streaming_delay = 0): one clear line, exit 8,
+    and what was printed before is exactly the start of the answer."""
+    sid, token = opened(pair)
+    with pair.primary.connect(DB) as primary:
+        primary.execute(SEED, {"sid": sid, "n": 20_000})
+        primary.execute("CREATE TABLE churn AS SELECT g FROM generate_series(1, 5000) AS g")
+    pair.replay()
+    with pair.standby.connect(DB) as standby:
+        standby.execute("ALTER SYSTEM SET max_standby_streaming_delay = 0")
+        standby.execute("SELECT pg_reload_conf()")
+        try:
+            before = conflicts(standby)
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "towerctl",
+                    "session",
+                    "messages",
+                    sid,
+                    "--format",
+                    "markdown",
+                    "--macaroon",
+                    token,
+                ],
+                env={
+                    **{k: v for k, v in os.environ.items() if not k.startswith("TOWER_")},
+                    **pair.env(TOWER_READ_DATABASE_URL=pair.standby.url(DB)),
+                },
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                # towerctl holds a snapshot on the standby, blocked on its full stdout pipe.
+                wait_until(
+                    "towerctl's snapshot on the standby",
+                    lambda: bool(
+                        standby.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE application_name"
+                            " = 'towerctl-read' AND backend_xmin IS NOT NULL"
+                        ).fetchone()[0]  # type: ignore[index]
+                    ),
+                )
+                with pair.primary.connect(DB) as primary:
+                    primary.execute("DELETE FROM churn")
+                    primary.execute("VACUUM churn")
+                wait_until("the recovery conflict", lambda: conflicts(standby) > before)
+                out, err = proc.communicate(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
+        finally:
+            standby.execute("ALTER SYSTEM RESET max_standby_streaming_delay")
+            standby.execute("SELECT pg_reload_conf()")
+    assert proc.returncode == ExitCode.UNREACHABLE, err
+    assert err.count("\n") == 1 and "recovery conflict" in err, err
+    assert "Traceback" not in err
+    shown = [line for line in out.splitlines() if line.startswith("message ")]
+    assert [int(line.split()[1]) for line in shown] == list(range(1, len(shown) + 1))
+    assert len(shown) < 20_000
+
+
+def conflicts(standby: object) -> int:
+    row = standby.execute(  # type: ignore[attr-defined]
+        "SELECT confl_snapshot + confl_lock + confl_bufferpin + confl_deadlock"
+        " FROM pg_stat_database_conflicts WHERE datname = current_database()"
+    ).fetchone()
+    return int(row[0])
+
+
+def wait_until(what: str, seen: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not seen():
+        assert time.monotonic() < deadline, f"never saw: {what}"
+        time.sleep(0.02)

@@ -59,6 +59,15 @@ def classify(error: BaseException) -> TowerError | None:
             hint="point --database-url / TOWER_DATABASE_URL at the primary",
         )
     state = getattr(error, "sqlstate", None)
+    if state == "40001" or "conflict with recovery" in first_line(error):
+        # A hot standby cancelled the query (or ended the connection) to replay changes
+        # the query's snapshot still needed: what was printed is a prefix of the answer.
+        return DatabaseUnreachable(
+            "the read replica cancelled the read: it conflicted with replaying the "
+            "primary's changes (recovery conflict); the output is incomplete",
+            hint="retry; or raise max_standby_streaming_delay on the replica, "
+            "or read from the primary",
+        )
     if isinstance(error, psycopg.OperationalError) and (
         state is None or state.startswith(("08", "57P"))
     ):
