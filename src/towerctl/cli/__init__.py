@@ -14,7 +14,6 @@ import typer.core
 import typer.main
 
 from towerctl import __version__
-from towerctl.cli.examples import add_examples
 from towerctl.cli.output import PipeGuard, StdoutClosed
 from towerctl.cli.state import CURRENT, State, hide_tokens
 from towerctl.errors import ExitCode, TowerError
@@ -53,6 +52,8 @@ def _load(target: str, name: str) -> click.Command:
     assert isinstance(group, click.Group)
     command = group.commands[name]
     _full_summaries(command)
+    from towerctl.cli.examples import add_examples  # only once a sub-command is loaded
+
     add_examples(command, (name,))
     return command
 
@@ -258,6 +259,9 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:  # the one answer that needs no parser: answer it at once
+        sys.stdout.write(f"towerctl {__version__}\n")
+        sys.exit(0)
     code = run()
     try:
         sys.stdout.flush()

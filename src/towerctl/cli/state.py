@@ -5,9 +5,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
-from uuid import UUID
 
 import typer
 
@@ -18,13 +16,20 @@ if TYPE_CHECKING:
 TOKEN_LIKE_CHARS = 32  # shorter text is never a usable macaroon (real ones are 100+)
 
 
-@dataclass
 class State:
-    database_url: str | None = None
-    read_database_url: str | None = None
-    traceback: bool = False
-    store: Store | None = None
-    json_output: bool = False  # --json was given: refusals are JSON documents too
+    """The global options and what one invocation holds (a plain class: start-up matters)."""
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        read_database_url: str | None = None,
+        traceback: bool = False,
+    ) -> None:
+        self.database_url = database_url
+        self.read_database_url = read_database_url
+        self.traceback = traceback
+        self.store: Store | None = None
+        self.json_output = False  # --json was given: refusals are JSON documents too
 
 
 # The invocation's state, for the one error handler (`cli.run`), which runs after
@@ -135,6 +140,9 @@ def read_token(token: str | None, token_file: str | None = None) -> str | None:
 _TOKEN_CHARS = re.compile(r"[A-Za-z0-9_\-+/=]+")
 _TOKEN_RUN = re.compile(rf"[A-Za-z0-9_\-+/=]{{{TOKEN_LIKE_CHARS},}}")
 HIDDEN = "<hidden>"
+_UUID = re.compile(
+    r"[0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 
 
 def token_like(value: str) -> bool:
@@ -142,11 +150,7 @@ def token_like(value: str) -> bool:
     that is neither a session id (UUID) nor a path."""
     if len(value) < TOKEN_LIKE_CHARS or value[0] in "/.~" or not _TOKEN_CHARS.fullmatch(value):
         return False
-    try:
-        UUID(value)
-    except ValueError:
-        return True
-    return False
+    return _UUID.fullmatch(value) is None
 
 
 def hide_tokens(message: str, argv: Sequence[str], *, usage: bool = False) -> str:
