@@ -1,3 +1,3 @@
-from towerctl.cli import main
+from towerctl.console import main
 
 main()

@@ -259,9 +259,6 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
-    if sys.argv[1:] == ["--version"]:  # the one answer that needs no parser: answer it at once
-        sys.stdout.write(f"towerctl {__version__}\n")
-        sys.exit(0)
     code = run()
     try:
         sys.stdout.flush()
