@@ -46,7 +46,12 @@ def classify(error: BaseException) -> TowerError | None:
     psycopg = sys.modules.get("psycopg")
     if psycopg is None or not isinstance(error, psycopg.Error):
         return None
-    if isinstance(error, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
+    if isinstance(
+        error,
+        psycopg.errors.UndefinedTable
+        | psycopg.errors.UndefinedColumn
+        | psycopg.errors.UndefinedFunction,
+    ):
         return MigrationError("the database has no towerctl schema (run 'towerctl migrate')")
     if isinstance(error, psycopg.errors.InsufficientPrivilege):
         return DatabaseUnreachable(

@@ -34,7 +34,6 @@ from towerctl.request_rules import (
     validate_idempotency_key,
     validate_message,
 )
-from towerctl.sessions import IDLE_LIFETIME
 
 if TYPE_CHECKING:
     import psycopg
@@ -49,54 +48,15 @@ SELECT r.id, r.state, r.reason, r.error_message, r.debited_sats, r.balance_after
         WHERE m.session_id = r.session_id AND m.session_request_id = r.id
           AND m.role = 'assistant' LIMIT 1)
 FROM session_requests r WHERE r.session_id = %s AND r.idempotency_key = %s"""
-RECORD = f"""
-WITH s AS (
-    -- only while this request holds the lease: a lost lease writes nothing
-    SELECT id, balance_sats FROM sessions
-    WHERE id = %(sid)s AND lease_owner = %(me)s FOR UPDATE
-), req AS (
-    INSERT INTO session_requests (
-        session_id, state, agent, reason, error_message, input_tokens, output_tokens,
-        cost_sats, debited_sats, balance_after_sats, idempotency_key, message_sha256,
-        completed_at)
-    SELECT s.id, %(state)s::text, %(agent)s, %(reason)s, %(error)s, %(in)s, %(out)s,
-           %(cost)s::bigint,
-           CASE WHEN %(state)s::text = 'complete' THEN least(%(cost)s::bigint, s.balance_sats)
-                ELSE 0 END,
-           s.balance_sats
-             - CASE WHEN %(state)s::text = 'complete' THEN least(%(cost)s::bigint, s.balance_sats)
-                    ELSE 0 END,
-           %(key)s, %(digest)s, now()
-    FROM s
-    RETURNING session_id, id, debited_sats, balance_after_sats
-), balance AS (
-    UPDATE sessions
-    SET balance_sats = req.balance_after_sats,
-        state = CASE WHEN sessions.state = 'expired' OR sessions.expires_at <= now()
-                          THEN 'expired'
-                     WHEN %(pause)s OR req.balance_after_sats < %(floor)s THEN 'paused'
-                     ELSE sessions.state END,
-        last_activity_at = now(),
-        lease_owner = NULL,
-        lease_until = NULL,
-        expires_at = CASE WHEN sessions.state = 'expired' OR sessions.expires_at <= now()
-                          THEN sessions.expires_at
-                          ELSE now() + interval '{IDLE_LIFETIME}' END
-    FROM req WHERE sessions.id = req.session_id
-    RETURNING sessions.state
-), debit AS (
-    INSERT INTO balance_ledger (session_id, kind, amount_sats, session_request_id)
-    SELECT session_id, 'debit', debited_sats, id FROM req WHERE debited_sats > 0
-), messages AS (
-    INSERT INTO session_messages (session_id, role, content, session_request_id, token_count)
-    SELECT req.session_id, m.role, m.content, req.id, m.tokens
-    FROM req, (VALUES (1, 'user', %(user)s::text, %(user_tokens)s::int),
-                      (2, 'assistant', %(reply)s::text, %(reply_tokens)s::int))
-              AS m(ord, role, content, tokens)
-    WHERE m.content <> ''
-    ORDER BY m.ord
-)
-SELECT req.id, req.debited_sats, req.balance_after_sats, balance.state FROM req, balance"""
+# The outcome's write (migration 0011: one plpgsql function, so the server keeps its
+# plan per connection): the request row, the debit, the balance and both messages, and
+# the lease given back, only while this request holds the lease; no row otherwise.
+RECORD = """
+SELECT * FROM towerctl_record_request(
+    %(sid)s::uuid, %(me)s::uuid, %(state)s::text, %(agent)s::text, %(reason)s::text,
+    %(error)s::text, %(in)s::integer, %(out)s::integer, %(cost)s::bigint, %(key)s::text,
+    %(digest)s::text, %(pause)s::boolean, %(floor)s::bigint, %(user)s::text,
+    %(user_tokens)s::integer, %(reply)s::text, %(reply_tokens)s::integer)"""
 
 
 @dataclass(frozen=True)
