@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -240,6 +241,18 @@ def tower_env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> d
     return env
 
 
+PYTHON_LEAKS = (
+    re.compile(r"\b[A-Z][a-z]+(?:[A-Z][a-z]+)*(?:Error|Exception|Warning)\b"),  # a class name
+    re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>"),  # a repr
+    re.compile(r"\[Errno \d+\]"),  # an OSError's str()
+)
+
+
+def python_leaks(text: str) -> list[str]:
+    """Python's own words in a message meant for a person (class names, reprs, errnos)."""
+    return [m.group() for pattern in PYTHON_LEAKS for m in pattern.finditer(text)]
+
+
 @dataclass
 class Result:
     exit_code: int
@@ -267,6 +280,8 @@ class CLI:
             sys.stdin = old_stdin
         result = Result(int(code), out.getvalue(), err.getvalue())
         assert "Traceback" not in result.stderr, result.stderr
+        if result.exit_code != 1:  # exit 1 is a bug and names its class on purpose
+            assert python_leaks(result.stderr) == [], result.stderr
         return result
 
 

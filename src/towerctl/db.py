@@ -33,7 +33,7 @@ def describe(url: str) -> str:
 
 def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    return text[0] if text else "no detail given"
 
 
 def classify(error: BaseException) -> TowerError | None:
@@ -114,9 +114,9 @@ def connect(url: str, *, application_name: str = "towerctl") -> psycopg.Connecti
             f"cannot connect to the database at {describe(url)}: {first_line(error)}",
             hint="check --database-url / TOWER_DATABASE_URL and that the server is running",
         ) from None
-    except Exception as error:  # malformed conninfo raises ProgrammingError et al.
+    except Exception:  # malformed conninfo raises ProgrammingError et al.
         raise DatabaseUnreachable(
-            f"cannot use the database URL: {type(error).__name__}",
+            "cannot use the database URL",
             hint="check --database-url / TOWER_DATABASE_URL",
         ) from None
     return conn

@@ -220,7 +220,8 @@ def _initdb(data: Path, user: ServerUser | None) -> None:
         )
     except (OSError, subprocess.TimeoutExpired) as error:
         raise DatabaseUnreachable(
-            f"initdb did not run for the embedded server in {data} ({type(error).__name__})",
+            f"initdb did not run for the embedded server in {data} "
+            f"({'timed out' if isinstance(error, subprocess.TimeoutExpired) else error.strerror})",
             hint=_unreachable_binaries_hint(user),
         ) from None
     if done.returncode != 0:

@@ -164,7 +164,7 @@ class OpenAIAgent:
             except (httpx.HTTPError, httpx.InvalidURL, OSError) as error:
                 if watchdog.expired.is_set():
                     return timed_out
-                return AgentReply("failed", f"agent unreachable: {type(error).__name__}")
+                return AgentReply("failed", f"agent unreachable: {_unreachable_reason(error)}")
         if status >= 400:
             detail = _tail(body.decode("utf-8", errors="replace"))[:200]
             return AgentReply(
@@ -202,3 +202,18 @@ class OpenAIAgent:
             encoding = response.headers.get("content-encoding", "")
             data = _decoded_body(response.iter_raw(), encoding, self.max_body_bytes, deadline)
             return response.status_code, data
+
+
+def _unreachable_reason(error: BaseException) -> str:
+    """Why the endpoint could not be reached, in words (never a Python class name)."""
+    import httpx
+
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower()
+    if isinstance(error, httpx.ConnectError):
+        return "the connection failed"
+    if isinstance(error, httpx.RemoteProtocolError | httpx.LocalProtocolError):
+        return "the server broke the HTTP protocol"
+    if isinstance(error, httpx.InvalidURL):
+        return "the URL is not valid"
+    return "the request did not complete"

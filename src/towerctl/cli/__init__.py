@@ -15,7 +15,7 @@ import typer.main
 
 from towerctl import __version__
 from towerctl.cli.output import PipeGuard, StdoutClosed
-from towerctl.cli.state import CURRENT, State, hide_tokens
+from towerctl.cli.state import ARGV, CURRENT, State, hide_tokens
 from towerctl.errors import ExitCode, TowerError
 
 # name -> (module:attribute, one-line summary). The module is imported when the
@@ -215,6 +215,7 @@ def run(argv: list[str] | None = None) -> int:
     real_stdout = sys.stdout
     sys.stdout = PipeGuard(real_stdout)
     CURRENT.clear()
+    ARGV[:] = args
     try:
         result = app(args=argv, prog_name="towerctl", standalone_mode=False)
         sys.stdout.flush()  # a reader gone or a full device shows here: exit 0 or 10

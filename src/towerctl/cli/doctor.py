@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from towerctl.cli.params import JSON_OPTION
-from towerctl.cli.state import connect, print_json
+from towerctl.cli.state import ARGV, hide_tokens, print_json, read_connect
 
 
 def doctor(
@@ -17,24 +17,37 @@ def doctor(
     directory: Path | None = typer.Option(
         None,
         "--dir",
+        exists=True,
+        file_okay=False,
         help="Migrations folder to compare with the ledger [env: TOWER_MIGRATIONS_DIR]. "
         "Default: the packaged ones.",
         show_default=False,
     ),
 ) -> None:
-    """Check every invariant of the store; exit 9 naming what is at fault."""
+    """Check every invariant of the store; exit 9 naming what is at fault.
+
+    Every check only reads, so with --read-database-url they run on the replica.
+    """
     from towerctl.doctor import run_checks
     from towerctl.errors import Inconsistent
 
-    checks = run_checks(connect(ctx), directory)
+    # Every check only reads: on the read replica when one is configured.
+    checks = run_checks(read_connect(ctx), directory)
     ok = all(c.ok for c in checks)
     if as_json:
         print_json(
-            {"ok": ok, "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks]}
+            {
+                "ok": ok,
+                "checks": [
+                    {"name": c.name, "ok": c.ok, "detail": hide_tokens(c.detail, ARGV)}
+                    for c in checks
+                ],
+            }
         )
     else:
         for c in checks:
-            sys.stdout.write(f"{'ok  ' if c.ok else 'FAIL'}  {c.name}: {c.detail}\n")
+            detail = hide_tokens(c.detail, ARGV)  # a token given as --dir is not echoed
+            sys.stdout.write(f"{'ok  ' if c.ok else 'FAIL'}  {c.name}: {detail}\n")
     if not ok:
         failed = [c.name for c in checks if not c.ok]
         raise Inconsistent(f"{len(failed)} check(s) failed: {', '.join(failed)}")

@@ -35,6 +35,7 @@ class State:
 # The invocation's state, for the one error handler (`cli.run`), which runs after
 # every click context has closed.
 CURRENT: list[State] = []
+ARGV: list[str] = []  # the invocation's words, so that no output echoes a token among them
 
 
 def state(ctx: typer.Context) -> State:
@@ -75,8 +76,8 @@ def print_json(value: Any) -> None:
 
 
 def note(message: str) -> None:
-    """A diagnostic line on stderr."""
-    sys.stderr.write(message + "\n")
+    """A diagnostic line on stderr (a token given on the command line is never echoed)."""
+    sys.stderr.write(hide_tokens(message, ARGV) + "\n")
 
 
 def _token_text(raw: bytes, source: str) -> str:
@@ -131,7 +132,7 @@ def read_token(token: str | None, token_file: str | None = None) -> str | None:
                 return _read_token_line(handle, "--macaroon-file")
         except OSError as error:
             raise BadInput(
-                f"cannot read --macaroon-file {token_file}: {type(error).__name__}"
+                f"cannot read --macaroon-file {token_file}: {error.strerror or 'unreadable'}"
             ) from None
     env = os.environ.get("TOWER_MACAROON")
     return _token_text(env.encode("utf-8", "surrogateescape"), "TOWER_MACAROON") if env else None
