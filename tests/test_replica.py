@@ -170,14 +170,7 @@ def test_a_revocation_takes_effect_on_the_replica_once_replayed(pair: Pair) -> N
         ("session", "request", "{sid}", "write me", "--macaroon", "{token}"),
         ("session", "topup", "{sid}", "--sats", "5"),
         ("session", "open", "--deposit", "5"),
-        pytest.param(
-            ("migrate", "--dir", "{pending}"),
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="migrations.py reports the standby's refusal as a failed file (exit 7, "
-                "after an 'applying' line): the migrations owner maps ReadOnlySqlTransaction",
-            ),
-        ),
+        ("migrate", "--dir", "{pending}"),
     ],
     ids=["request", "topup", "open", "migrate"],
 )
