@@ -10,6 +10,7 @@ import stat
 import tempfile
 from contextlib import suppress
 
+from towerctl.cli.output import write_all
 from towerctl.errors import BadInput, WriteFailed
 
 SYMLINK_HOPS = 40  # as the kernel's own limit
@@ -120,14 +121,10 @@ class FileSink:
         self.fd, self.shown = fd, shown
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        view = memoryview(data)
-        while view:
-            try:
-                done = os.write(self.fd, view)
-            except OSError as error:
-                raise WriteFailed(f"cannot write {self.shown}: {error.strerror or error}") from None
-            view = view[done:]
-        return len(data)
+        try:
+            return write_all(self.fd, data)
+        except OSError as error:
+            raise WriteFailed(f"cannot write {self.shown}: {error.strerror or error}") from None
 
     def isatty(self) -> bool:
         return False

@@ -50,6 +50,14 @@ def _write_error(stream: Any, error: OSError) -> Exception:
     return WriteFailed(f"cannot write to standard output: {error.strerror or error}")
 
 
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> int:
+    """Every byte of `data` to `fd` (os.write may take part of it); OSError as it comes."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return len(data)
+
+
 class PipeGuard:
     """A thin proxy over stdout (text or its binary buffer): a broken pipe becomes
     `StdoutClosed`, any other failed write `WriteFailed`."""
@@ -83,14 +91,10 @@ class FdSink:
         self.fd = fd
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        view = memoryview(data)
-        while view:
-            try:
-                done = os.write(self.fd, view)
-            except OSError as error:
-                raise _write_error(self, error) from None
-            view = view[done:]
-        return len(data)
+        try:
+            return write_all(self.fd, data)
+        except OSError as error:
+            raise _write_error(self, error) from None
 
     def fileno(self) -> int:
         return self.fd
