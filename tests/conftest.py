@@ -206,6 +206,10 @@ def _fresh_database(server_url: str, template: str | None) -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+# A fresh database for one example of a property test (the fixtures give one per test).
+fresh_database = contextlib.contextmanager(_fresh_database)
+
+
 @pytest.fixture
 def db_url(server_url: str, template_db: str) -> Iterator[str]:
     """A fresh, fully migrated database."""

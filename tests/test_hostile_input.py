@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import CLI, ROOT_KEY_HEX, OpenedSession, open_session
+from conftest import CLI, ROOT_KEY_HEX, OpenedSession, fresh_database, open_session
 from towerctl.errors import ExitCode
 
 FIXTURES_OK = settings(
@@ -185,25 +185,24 @@ def test_arbitrary_ndjson_batches(
 @FIXTURES_OK
 @given(st.text(max_size=200))
 def test_arbitrary_migration_sql(
-    cli: CLI, empty_db_url: str, tmp_path_factory: pytest.TempPathFactory, sql: str
+    cli: CLI, server_url: str, tmp_path_factory: pytest.TempPathFactory, sql: str
 ) -> None:
     text = sql.replace("\x00", "")
     folder = tmp_path_factory.mktemp("sql")
     (folder / "0001_fuzz.sql").write_text(text)
-    # The oracle is the server: the text run in a transaction that is rolled back.
-    with psycopg.connect(empty_db_url) as c:
-        try:
-            c.execute(text.encode())
-            server_accepts = True
-        except psycopg.Error:
-            server_accepts = False
-        c.rollback()
-    assume(server_accepts or text.strip() != "")  # an empty query is psycopg's refusal, not PG's
-    result = cli(
-        "--database-url", empty_db_url, "migrate", "--dir", str(folder), "--lock-timeout", "5"
-    )
-    expected = ExitCode.OK if server_accepts else ExitCode.MIGRATION
-    assert result.exit_code == expected, (text, result.stderr)
+    with fresh_database(server_url, None) as url:  # each example on an empty database
+        # The oracle is the server: the text run in a transaction that is rolled back.
+        with psycopg.connect(url) as c:
+            try:
+                c.execute(text.encode())
+                server_accepts = True
+            except psycopg.Error:
+                server_accepts = False
+            c.rollback()
+        assume(server_accepts or text.strip() != "")  # an empty query is psycopg's refusal
+        result = cli("--database-url", url, "migrate", "--dir", str(folder), "--lock-timeout", "5")
+        expected = ExitCode.OK if server_accepts else ExitCode.MIGRATION
+        assert result.exit_code == expected, (text, result.stderr)
 
 
 def test_dir_pointing_at_odd_files(cli: CLI, empty_db_url: str, tmp_path: Path) -> None:
