@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from towerctl.cli.params import JSON_OPTION
+from towerctl.cli.progress import progress
 from towerctl.cli.state import connect, note, print_json
 
 if TYPE_CHECKING:
@@ -113,18 +114,24 @@ def migrate(
             sys.stdout.write(line + "\n")
         return
 
-    def report(migration: Migration, elapsed_ms: float) -> None:
-        note(f"applied {migration.filename} ({elapsed_ms:.1f} ms)")
+    applied: list[Migration] = []
+    with progress("applying migrations") as shown:
 
-    done = migrations.migrate(
-        conn,
-        folder,
-        target=to,
-        allow_out_of_order=allow_out_of_order,
-        lock_timeout=wait,
-        on_applied=report,
-        notify=note,
-    )
+        def report(migration: Migration, elapsed_ms: float) -> None:
+            note(f"applied {migration.filename} ({elapsed_ms:.1f} ms)")
+            applied.append(migration)
+            if shown is not None:
+                shown(len(applied), None)
+
+        done = migrations.migrate(
+            conn,
+            folder,
+            target=to,
+            allow_out_of_order=allow_out_of_order,
+            lock_timeout=wait,
+            on_applied=report,
+            notify=note,
+        )
     if not done:
         note("up to date: nothing to apply")
     else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,6 +10,7 @@ from datetime import timedelta
 import typer
 
 from towerctl.cli.params import DURATION, JSON_OPTION
+from towerctl.cli.progress import progress
 from towerctl.cli.session import app
 from towerctl.cli.state import connect, note, print_json
 from towerctl.errors import BadInput
@@ -70,18 +70,13 @@ def _shown(duration: timedelta) -> str:
 
 @contextmanager
 def _progress_display() -> Iterator[Callable[[int, int, int], None] | None]:
-    """Progress on stderr when it is a terminal and NO_COLOR is not set."""
-    if not sys.stderr.isatty() or os.environ.get("NO_COLOR"):
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(file=sys.stderr), transient=True) as bar:
-        task = bar.add_task("purging", total=None)
+    """Progress on stderr when a person watches it (see cli/progress.py)."""
+    with progress("purging") as shown:
+        if shown is None:
+            yield None
+            return
 
         def update(sessions: int, messages: int, total: int) -> None:
-            bar.update(task, completed=messages, total=total or None)
-            bar.update(task, description=f"purging ({sessions} sessions)")
+            shown(messages, total or None)
 
         yield update

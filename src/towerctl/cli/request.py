@@ -9,6 +9,7 @@ from uuid import UUID
 import typer
 
 from towerctl.cli.params import session_id_argument
+from towerctl.cli.progress import progress
 from towerctl.cli.session import (
     JSON_OPTION,
     MACAROON_FILE_OPTION,
@@ -101,16 +102,26 @@ def request(
             raise BadInput("--batch reads messages and keys from stdin; give neither on the line")
         conn, sid = authorized_session(ctx, session_id, macaroon, macaroon_file, "request")
         lines = bounds.BoundedLines(stdin_bytes(), limits.batch_line_bytes)
-        batches.run_batch(
-            conn,
-            sid,
-            lines,
-            chosen,
-            _emit_line,
-            reader_gone=_reader_gone,
-            pricing=pricing,
-            limits=limits,
-        )
+        with progress("answering requests", stdout_free=True) as shown:
+            answered = 0
+
+            def emit(outcome: dict[str, object]) -> None:
+                nonlocal answered
+                _emit_line(outcome)
+                answered += 1
+                if shown is not None:
+                    shown(answered, None)
+
+            batches.run_batch(
+                conn,
+                sid,
+                lines,
+                chosen,
+                emit,
+                reader_gone=_reader_gone,
+                pricing=pricing,
+                limits=limits,
+            )
         return
     text = (
         message if message not in (None, "-") else request_rules.read_message(stdin_bytes(), limits)

@@ -13,6 +13,7 @@ import typer
 
 from towerctl.cli.output import sigterm_raises
 from towerctl.cli.params import MESSAGE_ID, session_id_argument
+from towerctl.cli.progress import progress
 from towerctl.cli.session import MACAROON_FILE_OPTION, MACAROON_OPTION, app, authorized_session
 from towerctl.cli.state import note
 from towerctl.errors import BadInput
@@ -148,17 +149,13 @@ def _follow(
 @contextmanager
 def _progress_bar() -> Iterator[Callable[[int, int], None] | None]:
     """A progress bar on stderr while exporting to a file from a terminal."""
-    if not (sys.stderr.isatty() and sys.stdout.isatty()) or os.environ.get("NO_COLOR"):
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(file=sys.stderr), transient=True) as bar:
-        task = bar.add_task("exporting", total=None)
+    with progress("exporting") as shown:
+        if shown is None or not sys.stdout.isatty():
+            yield None
+            return
 
         def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            shown(done, total)
 
         yield update
 
