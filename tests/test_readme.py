@@ -74,3 +74,12 @@ def test_every_sh_example_of_the_readme_runs(tmp_path: Path) -> None:
         assert "Traceback" not in done.stderr
     finally:
         embedded.remove(home)
+
+
+def test_the_readme_lists_every_doctor_check(conn: object) -> None:
+    from towerctl.doctor import run_checks
+
+    text = README.read_text(encoding="utf-8")
+    table = text[text.index("## Doctor") :].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(\w+)` \|", table, re.M))
+    assert listed == {check.name for check in run_checks(conn)}  # type: ignore[arg-type]
