@@ -174,6 +174,7 @@ def template_db(server_url: str) -> Iterator[str]:
 # administration (CREATE/DROP DATABASE) goes to the server directly.
 THROUGH_PGBOUNCER = os.environ.get("TOWER_TEST_THROUGH_PGBOUNCER") == "1"
 _POOLER: dict[str, int] = {}
+_SERVER_PORT: list[int] = []
 
 
 def _server_behind_pgbouncer() -> Iterator[str]:
@@ -185,6 +186,7 @@ def _server_behind_pgbouncer() -> Iterator[str]:
         pgserver.pgbouncer("127.0.0.1", server.port) as bouncer,
     ):
         _POOLER["port"] = bouncer.port
+        _SERVER_PORT[:] = [server.port]
         try:
             yield server.url()
         finally:
@@ -204,6 +206,14 @@ def _fresh_database(server_url: str, template: str | None) -> Iterator[str]:
     finally:
         with _admin(server_url) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def direct(url: str) -> str:
+    """The same database reached without the pooler (for a test's own locks and admin:
+    a session-level lock taken through a transaction pooler guards nothing)."""
+    if "port" not in _POOLER:
+        return url
+    return make_conninfo(url, host="127.0.0.1", port=_SERVER_PORT[0])
 
 
 # A fresh database for one example of a property test (the fixtures give one per test).
