@@ -69,7 +69,7 @@ def test_every_environment_number_at_and_past_its_range(
     ):
         monkeypatch.setenv(bound.env, raw)
         with pytest.raises(BadInput) as refused:
-            Pricing.from_env(), RequestLimits.from_env()
+            bound.value()
         assert bound.env in str(refused.value) and " to " in str(refused.value)
     monkeypatch.setenv(bound.env, "")
     assert bound.value() == bound.default

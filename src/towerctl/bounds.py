@@ -106,6 +106,18 @@ BUSY_WAIT_SECONDS = Bound(
     "busy wait", 30.0, "seconds", "TOWER_BUSY_WAIT", minimum=0, maximum=3_600, whole=False
 )
 
+READ_MAX_LAG = Bound(
+    "read replica lag",
+    30.0,
+    "seconds",
+    "TOWER_READ_MAX_LAG",
+    minimum=0,
+    maximum=86_400,
+    whole=False,
+    past="reads from the replica are refused (exit 8): retry, or read from the primary",
+)
+
+
 ALL: tuple[Bound, ...] = (
     TOKEN_BYTES,
     MESSAGE_CHARS,
@@ -120,18 +132,7 @@ ALL: tuple[Bound, ...] = (
     CONTEXT_MESSAGES,
     CONTEXT_TOKENS,
     BUSY_WAIT_SECONDS,
-)
-
-
-READ_MAX_LAG = Bound(
-    "read replica lag",
-    30.0,
-    "seconds",
-    "TOWER_READ_MAX_LAG",
-    minimum=0,
-    maximum=86_400,
-    whole=False,
-    past="reads from the replica are refused (exit 8): retry, or read from the primary",
+    READ_MAX_LAG,
 )
 
 
