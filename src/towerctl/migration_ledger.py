@@ -10,7 +10,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from towerctl.errors import BadInput, MigrationError
+from towerctl.errors import BadInput, DatabaseUnreachable, MigrationError
 from towerctl.migration_files import Migration
 from towerctl.migration_plan import AppliedMigration
 
@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS {REPAIRS_TABLE} (
 LEDGER_READY = f"""
 SELECT to_regclass('{LEASE_TABLE}') IS NOT NULL AND to_regclass('{REPAIRS_TABLE}') IS NOT NULL
    AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('{LEDGER_TABLE}')
-               AND attname = 'tree_checksum' AND NOT attisdropped)"""
+               AND attname = 'tree_checksum' AND NOT attisdropped),
+       pg_is_in_recovery()"""
 INVALID_INDEXES = """
 SELECT i.indexrelid::regclass FROM pg_index i
 JOIN pg_class c ON c.oid = i.indexrelid
@@ -203,6 +204,12 @@ def ensure_ledger(
     """Create the ledger tables, or bring an older ledger up to date, under the lock."""
     check_wait(timeout_seconds)
     ready = conn.execute(LEDGER_READY).fetchone()
+    if ready and ready[1]:
+        # A hot standby takes no migration: one line (exit 8) before anything is announced.
+        raise DatabaseUnreachable(
+            "the database is read-only (a standby?): migrations go to the primary",
+            hint="point --database-url / TOWER_DATABASE_URL at the primary",
+        )
     if ready and ready[0]:
         return
     with conn.transaction():

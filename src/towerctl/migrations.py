@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from towerctl.errors import BadInput, DatabaseUnreachable, MigrationError
+from towerctl.errors import BadInput, MigrationError
 from towerctl.migration_apply import apply
 from towerctl.migration_files import (
     BOM,
@@ -107,8 +107,7 @@ def migrate(
     steps = prepare(plan)
     if not steps:
         return []
-    refuse_standby(conn)
-    ensure_ledger(conn, lock_timeout, notify)
+    ensure_ledger(conn, lock_timeout, notify)  # refuses a hot standby first (exit 8)
     return apply(
         conn,
         steps,
@@ -234,13 +233,3 @@ def repair(
             (version, old_checksum, migration.checksum, not cosmetic),
         )
     return Repair(migration, old_checksum, cosmetic, not cosmetic)
-
-
-def refuse_standby(conn: psycopg.Connection) -> None:
-    """A hot standby takes no migration: one line (exit 8) before anything is announced."""
-    row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-    if row is not None and row[0]:
-        raise DatabaseUnreachable(
-            "the database is read-only (a standby?): migrations go to the primary",
-            hint="point --database-url / TOWER_DATABASE_URL at the primary",
-        )
