@@ -38,6 +38,14 @@ def gzip_bomb(decompressed_bytes: int) -> bytes:
     return b"".join([*parts, packer.flush()])
 
 
+class QuietHTTPServer(ThreadingHTTPServer):
+    """The misbehaving agent's server: a client that hangs up early (as towerctl does past a
+    cap or a deadline) is expected here, not an error to print into the captured stderr."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
 @contextmanager
 def openai_server(behaviour: dict[str, Any]) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """A chat-completions endpoint on 127.0.0.1; yields (base URL, received request bodies).
@@ -97,7 +105,7 @@ def openai_server(behaviour: dict[str, Any]) -> Iterator[tuple[str, list[dict[st
                 self.wfile.flush()
                 time.sleep(drip)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = QuietHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
