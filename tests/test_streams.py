@@ -353,7 +353,8 @@ def test_the_server_lost_while_streaming_exits_8(
     rest, err = proc.communicate(timeout=30)
     assert proc.returncode == ExitCode.UNREACHABLE, (len(rest), err)
     assert "lost the database connection" in one_line(err)
-    assert f"message {MESSAGES}:".encode() not in rest  # it stopped part way
+    # Whether the tail was cut depends on how much the server had already put in the
+    # socket before its backend ended (under load, sometimes all of it): not asserted.
     assert_nothing_left_open(conn)
 
 
