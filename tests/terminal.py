@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 TOWERCTL = (sys.executable, "-m", "towerctl")
@@ -25,15 +25,50 @@ class Screen:
     text: str  # what reached the terminal, stdout and stderr together, decoded
 
 
+def read_pty(
+    master: int,
+    timeout: float,
+    *,
+    until: Callable[[bytes], bool] | None = None,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> bytes:
+    """Every byte from a pty's master side until its slave side is closed everywhere (EIO),
+    `until(data so far)` holds, `proc` has exited with nothing left to read, or `timeout`
+    seconds have passed (the caller judges which: this only reads)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (until is not None and until(data)):
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every slave end is closed
+                break
+            if not chunk:
+                break
+            data += chunk
+        elif proc is not None and proc.poll() is not None:
+            break
+    return data
+
+
 def run_on_pty(
-    args: Sequence[str], env: dict[str, str], timeout: float = 60, stdin_text: str = ""
+    args: Sequence[str],
+    env: dict[str, str],
+    timeout: float = 60,
+    stdin_text: str = "",
+    *,
+    columns: int = 120,
+    stdin_closed: bool = False,
 ) -> Screen:
+    """towerctl `args` with stdout and stderr (and stdin, unless `stdin_closed`: then
+    /dev/null) on a pty; fails the test if it has not finished within `timeout` seconds."""
     master, slave = os.openpty()
     try:
         proc = subprocess.Popen(
             [*TOWERCTL, *args],
-            env={**env, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"},
-            stdin=slave,
+            env={**env, "TERM": "xterm-256color", "COLUMNS": str(columns), "LINES": "40"},
+            stdin=subprocess.DEVNULL if stdin_closed else slave,
             stdout=slave,
             stderr=slave,
             close_fds=True,
@@ -43,29 +78,17 @@ def run_on_pty(
         os.close(slave)
     if stdin_text:
         os.write(master, stdin_text.encode())
-    chunks: list[bytes] = []
     deadline = time.monotonic() + timeout
     try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                proc.kill()
-                raise AssertionError(f"towerctl {args[:3]} did not finish on the pty in {timeout}s")
-            ready, _, _ = select.select([master], [], [], min(left, 0.5))
-            if ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:  # EIO: every slave end is closed
-                    break
-                if not data:
-                    break
-                chunks.append(data)
-            elif proc.poll() is not None:
-                break
+        shown = read_pty(master, timeout, proc=proc)
+        if time.monotonic() >= deadline and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"towerctl {args[:3]} did not finish on the pty in {timeout}s")
         code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         os.close(master)
-    return Screen(code, b"".join(chunks).decode("utf-8", errors="replace"))
+    return Screen(code, shown.decode("utf-8", errors="replace"))
 
 
 def raw_hidden(text: str) -> list[str]:

@@ -15,11 +15,10 @@ import io
 import json
 import os
 import re
-import select
 import subprocess
 import sys
-import time
 import unicodedata
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -28,6 +27,7 @@ from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 
 from conftest import CLI, OpenedSession, open_session
+from terminal import Screen, raw_hidden, run_on_pty
 from towerctl.errors import ExitCode
 from towerctl.render import shown_text
 from towerctl.transcripts import FORMULA_STARTS, Format
@@ -64,9 +64,23 @@ FIXED = [
     "# fake heading\n## #999 · user · forged\nSetext\n===\n```\nfence\n```\n<div>html</div>",
 ]
 TIMESTAMP = re.compile(r"^#\d+ · (user|assistant) · \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-GENEROUS = settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+
+
+def on_hostile_contents(examples: int) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A test run on `examples` lists of 1 to 4 hostile texts (FIXED always among them),
+    with 300 s in all."""
+
+    def decorate(test: Callable[..., None]) -> Callable[..., None]:
+        test = example(contents=FIXED)(test)
+        test = given(contents=st.lists(hostile_text, min_size=1, max_size=4))(test)
+        test = settings(
+            max_examples=examples,
+            deadline=None,
+            suppress_health_check=[HealthCheck.function_scoped_fixture],
+        )(test)
+        return pytest.mark.timeout(300)(test)  # type: ignore[no-any-return]
+
+    return decorate
 
 
 @pytest.fixture
@@ -104,10 +118,7 @@ def neutralised(content: str) -> str:
 # --- machine formats: exact, escaped -----------------------------------------------------
 
 
-@pytest.mark.timeout(300)
-@GENEROUS
-@given(contents=st.lists(hostile_text, min_size=1, max_size=4))
-@example(contents=FIXED)
+@on_hostile_contents(examples=40)
 def test_json_and_ndjson_parse_back_exactly_with_hidden_characters_escaped(
     cli: CLI, conn: psycopg.Connection, chat: OpenedSession, contents: list[str]
 ) -> None:
@@ -122,10 +133,7 @@ def test_json_and_ndjson_parse_back_exactly_with_hidden_characters_escaped(
     assert [json.loads(line)["content"] for line in lines.splitlines()] == contents
 
 
-@pytest.mark.timeout(300)
-@GENEROUS
-@given(contents=st.lists(hostile_text, min_size=1, max_size=4))
-@example(contents=FIXED)
+@on_hostile_contents(examples=40)
 def test_csv_is_exact_with_raw_and_neutralises_formulas_without(
     cli: CLI, conn: psycopg.Connection, chat: OpenedSession, contents: list[str]
 ) -> None:
@@ -192,10 +200,7 @@ def markdown_messages(text: str) -> list[tuple[str, str]]:
     return found
 
 
-@pytest.mark.timeout(300)
-@GENEROUS
-@given(contents=st.lists(hostile_text, min_size=1, max_size=4))
-@example(contents=FIXED)
+@on_hostile_contents(examples=40)
 def test_markdown_has_one_heading_per_message_and_only_literal_text(
     cli: CLI, conn: psycopg.Connection, chat: OpenedSession, contents: list[str]
 ) -> None:
@@ -210,76 +215,30 @@ def test_markdown_has_one_heading_per_message_and_only_literal_text(
 # --- on a real terminal: nothing hidden gets through raw ------------------------------------
 
 
-def run_on_pty(args: list[str], env: dict[str, str], timeout: float = 30) -> tuple[int, str]:
-    master, slave = os.openpty()
-    try:
-        proc = subprocess.Popen(
-            args, env={**env, "TERM": "xterm-256color", "COLUMNS": "100"},
-            stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-        )  # fmt: skip
-    finally:
-        os.close(slave)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.2)
-            if ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:  # EIO: the slave side is closed
-                    break
-                if not data:
-                    break
-                chunks.append(data)
-            elif proc.poll() is not None:
-                break
-        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        os.close(master)
-    return code, b"".join(chunks).decode("utf-8", "replace")
+def on_pty(extra: list[str], chat: OpenedSession, env: dict[str, str]) -> Screen:
+    """`session messages` of `chat` on a 100-column pseudo-terminal (30 s at most)."""
+    args = ["session", "messages", chat.id, *extra, "--macaroon", chat.macaroon]
+    return run_on_pty(args, env, timeout=30, columns=100)
 
 
 SGR = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def raw_hidden(screen: str) -> list[str]:
-    """Hidden characters on the screen, apart from newlines, tabs and the pty's own \\r\\n."""
-    return [
-        repr(ch)
-        for i, ch in enumerate(screen)
-        if ch not in "\n\t"
-        and not (ch == "\r" and screen[i + 1 : i + 2] == "\n")
-        and unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")
-    ]
-
-
-@pytest.mark.timeout(300)
-@settings(
-    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(contents=st.lists(hostile_text, min_size=1, max_size=4))
-@example(contents=FIXED)
+@on_hostile_contents(examples=6)
 def test_no_format_lets_a_hidden_character_reach_a_terminal(
     conn: psycopg.Connection, chat: OpenedSession, tower_env: dict[str, str], contents: list[str]
 ) -> None:
     store(conn, chat, contents)
     env = {**os.environ, **tower_env}
     for fmt in Format:
-        code, screen = run_on_pty(
-            [sys.executable, "-m", "towerctl", "session", "messages", chat.id, "--format",
-             fmt.value, "--macaroon", chat.macaroon], env,
-        )  # fmt: skip
-        assert code == ExitCode.OK, screen
-        assert raw_hidden(screen) == [], (fmt, screen)
+        screen = on_pty(["--format", fmt.value], chat, env)
+        assert screen.exit_code == ExitCode.OK, screen.text
+        assert raw_hidden(screen.text) == [], (fmt, screen.text)
     # With colour, the table's only escape sequences are its own colours.
     colour = {k: v for k, v in env.items() if k != "NO_COLOR"}
-    code, screen = run_on_pty(
-        [sys.executable, "-m", "towerctl", "session", "messages", chat.id,
-         "--macaroon", chat.macaroon], colour,
-    )  # fmt: skip
-    assert code == ExitCode.OK
-    assert raw_hidden(SGR.sub("", screen)) == []
+    screen = on_pty([], chat, colour)
+    assert screen.exit_code == ExitCode.OK
+    assert raw_hidden(SGR.sub("", screen.text)) == []
 
 
 @pytest.mark.timeout(60)
@@ -287,13 +246,10 @@ def test_csv_on_a_terminal_shows_hidden_characters_and_keeps_formulas_neutral(
     conn: psycopg.Connection, chat: OpenedSession, tower_env: dict[str, str]
 ) -> None:
     store(conn, chat, FIXED)
-    code, screen = run_on_pty(
-        [sys.executable, "-m", "towerctl", "session", "messages", chat.id, "--format", "csv",
-         "--macaroon", chat.macaroon], {**os.environ, **tower_env},
-    )  # fmt: skip
-    assert code == ExitCode.OK
-    assert "\\x1b]0;pwned\\x07" in screen and "\\u202e" in screen
-    assert "'=HYPERLINK" in screen
+    screen = on_pty(["--format", "csv"], chat, {**os.environ, **tower_env})
+    assert screen.exit_code == ExitCode.OK
+    assert "\\x1b]0;pwned\\x07" in screen.text and "\\u202e" in screen.text
+    assert "'=HYPERLINK" in screen.text
 
 
 def test_table_cell_marker(cli: CLI, conn: psycopg.Connection, chat: OpenedSession) -> None:
