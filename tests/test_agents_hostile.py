@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
 import sys
 import time
@@ -26,7 +25,8 @@ from agents_fixtures import (
     openai_server,
     run_measured,
 )
-from conftest import CLI, OpenedSession, assert_store_consistent, open_session
+from conftest import CLI, OpenedSession, Result, assert_store_consistent, open_session
+from terminal import run_on_pty
 from towerctl import sanitize
 from towerctl.errors import ExitCode
 
@@ -193,20 +193,27 @@ open({pidfile!r}, "w").write(str(child.pid))
 """
 
 
+def request_leaving_a_child(cli: CLI, tmp_path: Path, then: str) -> tuple[Result, float, int]:
+    """A request to an agent that starts a sleeping child, then does `then`:
+    (its result, the seconds it took, the child's pid)."""
+    pidfile = tmp_path / "child.pid"
+    agent = exec_agent(
+        tmp_path, "leaves_child.py", CHILD_SLEEPS.format(pidfile=str(pidfile), then=then)
+    )
+    s = open_session(cli, 1000)
+    started = time.monotonic()
+    result = request(cli, s, "hi", "--agent", agent, "--json")
+    return result, time.monotonic() - started, int(pidfile.read_text())
+
+
 @pytest.mark.timeout(30)
 def test_exec_agent_children_die_at_the_deadline(
     cli: CLI, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TOWER_AGENT_TIMEOUT", "1")
-    pidfile = tmp_path / "child.pid"
-    body = CHILD_SLEEPS.format(pidfile=str(pidfile), then="time.sleep(60)")
-    agent = exec_agent(tmp_path, "lingers.py", body)
-    s = open_session(cli, 1000)
-    started = time.monotonic()
-    result = request(cli, s, "hi", "--agent", agent, "--json")
-    assert time.monotonic() - started < 3
+    result, seconds, child = request_leaving_a_child(cli, tmp_path, "time.sleep(60)")
+    assert seconds < 3
     assert_failed(result, db_url, "timed out after 1s")
-    child = int(pidfile.read_text())
     time.sleep(0.2)
     assert not pid_alive(child)
 
@@ -215,16 +222,11 @@ def test_exec_agent_children_die_at_the_deadline(
 def test_exec_agent_children_die_when_it_is_done(cli: CLI, db_url: str, tmp_path: Path) -> None:
     """An agent that answers and exits while its child holds stdout open: the answer is
     taken at once and the child killed (it neither outlives the request nor stalls it)."""
-    pidfile = tmp_path / "child.pid"
-    body = CHILD_SLEEPS.format(pidfile=str(pidfile), then="print('done', flush=True)")
-    agent = exec_agent(tmp_path, "leaves_child.py", body)
-    s = open_session(cli, 1000)
-    started = time.monotonic()
-    result = request(cli, s, "hi", "--agent", agent, "--json")
+    result, seconds, child = request_leaving_a_child(cli, tmp_path, "print('done', flush=True)")
     assert result.exit_code == ExitCode.OK, result.stderr
     assert json.loads(result.stdout)["result"] == "done"
-    assert time.monotonic() - started < 10
-    assert not pid_alive(int(pidfile.read_text()))
+    assert seconds < 10
+    assert not pid_alive(child)
 
 
 @pytest.mark.timeout(60)
@@ -302,37 +304,11 @@ HOSTILE_REPLY = (
 )
 
 
-def run_on_pty(args: list[str], timeout: float = 30) -> tuple[int, str]:
-    """towerctl with stdout and stderr on a real pseudo-terminal; (exit code, all it showed)."""
-    master, slave = os.openpty()
-    try:
-        proc = subprocess.Popen(
-            [TOWERCTL, *args],
-            stdin=subprocess.DEVNULL,
-            stdout=slave,
-            stderr=slave,
-            start_new_session=True,
-            env={**os.environ, "TERM": "xterm-256color"},
-        )
-    finally:
-        os.close(slave)
-    shown = bytearray()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 0.2)
-        if ready:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: the slave side is closed
-                break
-            if not data:
-                break
-            shown += data
-        elif proc.poll() is not None:
-            break
-    os.close(master)
-    code = proc.wait(timeout=5)
-    return code, shown.decode("utf-8", "replace")
+def on_pty(args: list[str]) -> tuple[int, str]:
+    """towerctl with stdout and stderr on a real 80-column pseudo-terminal (stdin /dev/null,
+    30 s at most); (exit code, all it showed)."""
+    screen = run_on_pty(args, dict(os.environ), timeout=30, columns=80, stdin_closed=True)
+    return screen.exit_code, screen.text
 
 
 def assert_nothing_raw(shown: str) -> None:
@@ -353,7 +329,7 @@ def test_a_hostile_reply_is_shown_visibly_on_a_terminal_and_exact_on_a_pipe(
     )
     s = open_session(cli, 10_000)
     args = ["session", "request", s.id, "hi", "--agent", agent, "--macaroon", s.macaroon]
-    code, shown = run_on_pty(args)
+    code, shown = on_pty(args)
     assert code == ExitCode.OK, shown
     assert_nothing_raw(shown)
     assert "\\x1b]0;pwned\\x07" in shown and "\\u202eevil" in shown and "\\x0doverwrite" in shown
@@ -373,7 +349,7 @@ def test_a_hostile_decline_and_error_reach_the_terminal_as_one_visible_line(
         ("err.py", f"sys.stderr.write({text!r} * 100); sys.exit(3)", ExitCode.AGENT_FAILED),
     ):
         agent = exec_agent(tmp_path, name, body)
-        code, shown = run_on_pty(
+        code, shown = on_pty(
             ["session", "request", s.id, "hi", "--agent", agent, "--macaroon", s.macaroon]
         )
         assert code == expected, shown
@@ -398,6 +374,6 @@ def test_hypothesis_hostile_replies_never_reach_a_terminal_raw(
     # "x" first: a message of "-" alone means "read stdin", and blank ones are refused.
     message = "x" + "".join(parts).replace("\x00", "")
     s = open_session(cli, 100_000)
-    code, shown = run_on_pty(["session", "request", s.id, message, "--macaroon", s.macaroon])
+    code, shown = on_pty(["session", "request", s.id, message, "--macaroon", s.macaroon])
     assert code == ExitCode.OK, shown
     assert_nothing_raw(shown)
