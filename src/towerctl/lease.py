@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from uuid import UUID
@@ -53,9 +53,13 @@ RETURNING CASE WHEN state <> 'expired' AND expires_at <= now() THEN 'expired' EL
           balance_sats"""
 # Why a take failed: no such session, or how long the holder's lease still runs.
 # (The comment lets a test see a waiter in pg_stat_activity.)
-HOLDER = """/* towerctl: waiting for the session lease */
+WAITING = "/* towerctl: waiting for the session lease */"
+HOLDER = (
+    WAITING
+    + """
 SELECT greatest(extract(epoch FROM lease_until - now()), 0)::float8
 FROM sessions WHERE id = %(sid)s"""
+)
 RELEASE = """
 UPDATE sessions SET lease_owner = NULL, lease_until = NULL
 WHERE id = %(sid)s AND lease_owner = %(me)s"""
@@ -70,8 +74,9 @@ class SessionLease(Generic[T]):
 
     `take(reads)` runs `reads()` (statements that need the lease) in the same
     pipeline as the take, so they cost no extra round trip; their results count
-    only once the take succeeded. The final write should release the lease itself
-    (`RELEASE_IN_WRITE` as a CTE) and then call `released()`.
+    only once the take succeeded. `take_by(query, params)` takes it with one statement
+    that also reads (a request's: migration 0012's function). The final write should
+    release the lease itself, in its own transaction, and then call `released()`.
     """
 
     def __init__(
@@ -111,15 +116,40 @@ class SessionLease(Generic[T]):
             holder = self.conn.execute(HOLDER, self.params).fetchone()
             if holder is None:
                 raise NotFound(f"no session {self.session_id}")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise NotServed(
-                    f"session {self.session_id} is busy with another request",
-                    hint=f"waited {self.wait_seconds:g}s (TOWER_BUSY_WAIT); retry later",
-                )
-            # Sleep no longer than the holder's lease has left, nor past the busy wait.
-            time.sleep(max(min(backoff, left, float(holder[0]) + 0.001), 0.001))
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            backoff = self._wait(deadline, backoff, float(holder[0]))
+
+    def take_by(self, query: str, params: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The row of `query`, a statement that takes the lease and reads under it in one
+        round trip (a function such as migration 0012's `towerctl_take_request`).
+
+        Its row starts with the outcome and, when busy, the seconds the holder's lease
+        still runs: `held` (ours now), `released` (taken and given back in the same
+        transaction: nothing to write) or `busy` (retried until the busy wait is over,
+        then NotServed); no row: no such session (NotFound)."""
+        deadline = time.monotonic() + self.wait_seconds
+        backoff = FIRST_BACKOFF
+        sql = query
+        while True:
+            row = self.conn.execute(sql, params).fetchone()
+            if row is None:
+                raise NotFound(f"no session {self.session_id}")
+            if row[0] != "busy":
+                self.held = row[0] == "held"
+                return tuple(row)
+            backoff = self._wait(deadline, backoff, float(row[1]))
+            sql = WAITING + query
+
+    def _wait(self, deadline: float, backoff: float, holder_left: float) -> float:
+        """Sleep before the next try (no longer than the holder's lease has left, nor
+        past the busy wait) and return the next backoff; NotServed once the wait is over."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise NotServed(
+                f"session {self.session_id} is busy with another request",
+                hint=f"waited {self.wait_seconds:g}s (TOWER_BUSY_WAIT); retry later",
+            )
+        time.sleep(max(min(backoff, left, holder_left + 0.001), 0.001))
+        return min(backoff * 2, MAX_BACKOFF)
 
     def released(self) -> None:
         """The final write released the lease (or found it lost): nothing left to do."""

@@ -16,6 +16,7 @@ writes nothing when the lease was lost. No transaction is open while the agent r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -38,16 +39,13 @@ from towerctl.request_rules import (
 if TYPE_CHECKING:
     import psycopg
 
-READ_HISTORY = """
-SELECT role, content, token_count FROM session_messages
-WHERE session_id = %s ORDER BY id DESC LIMIT %s"""
-FIND_BY_KEY = """
-SELECT r.id, r.state, r.reason, r.error_message, r.debited_sats, r.balance_after_sats,
-       r.input_tokens, r.output_tokens, r.message_sha256,
-       (SELECT m.content FROM session_messages m
-        WHERE m.session_id = r.session_id AND m.session_request_id = r.id
-          AND m.role = 'assistant' LIMIT 1)
-FROM session_requests r WHERE r.session_id = %s AND r.idempotency_key = %s"""
+# The take and the reads under the lease in one call (migration 0012: a plpgsql function,
+# whose plans the server keeps per connection, so nothing is planned per request):
+# (outcome, seconds the holder still has, state, balance, the last messages newest first
+# as three arrays, then the first outcome of the idempotency key if it was used).
+TAKE = """
+SELECT * FROM towerctl_take_request(
+    %(sid)s::uuid, %(me)s::uuid, %(hold)s::float8, %(key)s::text, %(context)s::integer)"""
 # The outcome's write (migration 0011: one plpgsql function, so the server keeps its
 # plan per connection): the request row, the debit, the balance and both messages, and
 # the lease given back, only while this request holds the lease; no row otherwise.
@@ -119,11 +117,9 @@ def unrecorded_refusal(session_id: UUID, reason: str) -> dict[str, Any]:
     ).as_json()
 
 
-def _replay(
-    session_id: UUID, message: str, key: str, row: tuple[Any, ...] | None
-) -> RequestOutcome | None:
-    """The first outcome of an idempotency key, from its FIND_BY_KEY row."""
-    if row is None:
+def _replay(session_id: UUID, message: str, key: str, row: Sequence[Any]) -> RequestOutcome | None:
+    """The first outcome of an idempotency key, from TAKE's replay columns (None: unused)."""
+    if row[0] is None:
         return None
     rid, state, reason, error, debited, balance_after, tin, tout, digest, reply = row
     if digest is not None and digest != message_digest(message):
@@ -222,28 +218,24 @@ def run_request(
     limits = limits or RequestLimits()
     validate_message(message, limits)
     key = validate_idempotency_key(idempotency_key)
-    lease: SessionLease[tuple[psycopg.Cursor[Any] | None, psycopg.Cursor[Any]]] = SessionLease(
+    lease: SessionLease[None] = SessionLease(
         conn,
         session_id,
         hold_seconds=hold_seconds(agent.name, limits.agent_timeout_seconds),
         wait_seconds=limits.busy_wait_seconds,
     )
-
-    def reads() -> tuple[psycopg.Cursor[Any] | None, psycopg.Cursor[Any]]:
-        # In the take's pipeline: the replay check and the history, one round trip.
-        replay = conn.execute(FIND_BY_KEY, (session_id, key)) if key else None
-        return replay, conn.execute(READ_HISTORY, (session_id, limits.context_messages))
-
     with lease:
-        (state, balance), (replay, recent) = lease.take(reads)
-        earlier = _replay(session_id, message, key, replay.fetchone()) if key and replay else None
+        row = lease.take_by(TAKE, lease.params | {"key": key, "context": limits.context_messages})
+        _outcome, _left, state, balance, roles, contents, counts, *replayed = row
+        earlier = _replay(session_id, message, key, replayed) if key else None
         if earlier is not None:
             return earlier
         if state in ("expired", "awaiting_payment"):
             raise NotServed(f"session {session_id} is {state.replace('_', ' ')}")
         if state == "paused":
             raise NotServed(f"session {session_id} is paused", hint="top it up to resume")
-        context = context_window(recent.fetchall(), limits)
+        recent = list(zip(roles, contents, counts, strict=True)) if roles else []
+        context = context_window(recent, limits)
         conversation = [*context, ChatMessage("user", message)]
         input_tokens = sum(tokens(m.content) for m in conversation)
         minimum = cost_sats(pricing, input_tokens, 0)
