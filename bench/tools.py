@@ -96,11 +96,27 @@ def find_pg_tool(name: str) -> Path:
     return Path(system)
 
 
+def compile_towerctl(python: Path) -> None:
+    """Byte-compile towerctl's modules, as `pip install .` (the README's install) does.
+
+    An editable install under PYTHONDONTWRITEBYTECODE would otherwise compile every
+    module from source at every start, while its peers (typer, psycopg) run from the
+    bytecode pip wrote: the start-up figures would measure the compiler, not towerctl.
+    """
+    code = (
+        "import compileall, os, towerctl; "
+        "compileall.compile_dir(os.path.dirname(towerctl.__file__), quiet=1)"
+    )
+    run_quiet([python, "-c", code])
+
+
 def setup_tools(towerctl: Path) -> Tools:
     PEERS.mkdir(parents=True, exist_ok=True)
+    python = interpreter_of(towerctl)
+    compile_towerctl(python)
     return Tools(
         towerctl=towerctl,
-        python=interpreter_of(towerctl),
+        python=python,
         psql=find_pg_tool("psql"),
         pgbench=find_pg_tool("pgbench"),
         dbmate=ensure_dbmate(),

@@ -45,12 +45,11 @@ from towerctl.embedded_account import (
     SERVER_DATA_ROOT,
     SERVER_USER,
     ServerUser,
+    as_server,
     is_short_socket_folder,
     pgdata_path,
     root_pgdata,
-    run_as,
     server_binary,
-    server_environment,
     server_installation,
     server_user,
     socket_folder,
@@ -213,10 +212,7 @@ def _initdb(data: Path, user: ServerUser | None) -> None:
             text=True,
             timeout=300,
             check=False,
-            cwd="/",
-            env=server_environment(),
-            umask=0o077,
-            **run_as(user),
+            **as_server(user),
         )
     except (OSError, subprocess.TimeoutExpired) as error:
         raise DatabaseUnreachable(
@@ -296,11 +292,8 @@ def _run_postmaster(data: Path, socket_dir: Path, user: ServerUser | None) -> Se
             stdin=subprocess.DEVNULL,
             stdout=log_fd,
             stderr=log_fd,
-            cwd="/",
-            env=server_environment(),
-            umask=0o077,
             start_new_session=True,  # a Ctrl-C in the terminal does not reach the server
-            **run_as(user),
+            **as_server(user),
         )
     except OSError as error:
         raise DatabaseUnreachable(
@@ -346,9 +339,7 @@ def stop(home: Path) -> bool:
         text=True,
         timeout=90,
         check=False,
-        cwd="/",
-        env=server_environment(),
-        **run_as(owner_user),
+        **as_server(owner_user),
     )
     if result.returncode != 0 and read_running(pgdata) is not None:
         raise DatabaseUnreachable(f"could not stop the embedded server in {pgdata}")

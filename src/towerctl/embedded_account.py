@@ -148,18 +148,13 @@ def _create_system_user() -> None:
             ) from None
 
 
-def run_as(user: ServerUser | None) -> dict[str, Any]:
-    """subprocess arguments that run a program as `user`: its own group, nothing else."""
-    if user is None:
-        return {}
-    return {"user": user.uid, "group": user.gid, "extra_groups": []}
-
-
-def server_environment() -> dict[str, str]:
-    """The environment of the server's programs: ours without libpq's PG* variables."""
+def as_server(user: ServerUser | None) -> dict[str, Any]:
+    """subprocess arguments for the server's programs: run as `user` (its own group, nothing
+    else), from `/`, with files private to it, in our environment without libpq's PG*."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["LC_MESSAGES"] = "C"
-    return env
+    who = {} if user is None else {"user": user.uid, "group": user.gid, "extra_groups": []}
+    return {"cwd": "/", "env": env, "umask": 0o077, **who}
 
 
 # --- folders ---------------------------------------------------------------------
