@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 import faults
 from conftest import CLI, open_session
-from terminal import run_on_pty
+from terminal import read_pty, run_on_pty
 
 
 def slow_migrations(folder: Path, count: int = 30) -> Path:
@@ -75,20 +73,7 @@ def test_a_batch_shows_progress_on_stderr_when_its_output_goes_to_a_file(
             start_new_session=True,
         )
     os.close(slave)
-    shown = b""
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 0.5)
-        if ready:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            shown += chunk
-        elif proc.poll() is not None:
-            break
+    shown = read_pty(master, 90, proc=proc)
     os.close(master)
     assert proc.wait(timeout=30) == 0
     assert b"answering requests" in shown

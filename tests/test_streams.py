@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pty
-import select
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import psycopg
 import pytest
 
 from conftest import CLI, OpenedSession, open_session
+from terminal import read_pty
 from towerctl.cli.outfile import remove_stale_parts
 from towerctl.errors import ExitCode
 from towerctl.transcripts import Format
@@ -70,6 +70,16 @@ def environment(tower_env: dict[str, str]) -> dict[str, str]:
     return {**os.environ, **tower_env}
 
 
+def streaming(
+    s: OpenedSession, fmt: str, tower_env: dict[str, str], *extra: str
+) -> subprocess.Popen[bytes]:
+    """The export under way, its stdout and stderr on pipes."""
+    return subprocess.Popen(
+        command(s, fmt, *extra), env=environment(tower_env), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
 def towerctl_backends(conn: psycopg.Connection) -> list[tuple[int, str]]:
     return conn.execute(
         "SELECT pid, coalesce(state, '') FROM pg_stat_activity"
@@ -94,6 +104,13 @@ def only_target(folder: Path, name: str) -> None:
     assert sorted(p.name for p in folder.iterdir()) == [name], "a temporary file was left"
 
 
+def assert_target_kept(target: Path, conn: psycopg.Connection) -> None:
+    """The previous export is still there, alone (no temporary file), and nothing open."""
+    assert target.read_bytes() == PREVIOUS
+    only_target(target.parent, target.name)
+    assert_nothing_left_open(conn)
+
+
 def one_line(stderr: bytes) -> str:
     text = stderr.decode()
     assert text.endswith("\n") and text.count("\n") == 1, text
@@ -109,10 +126,7 @@ def one_line(stderr: bytes) -> str:
 def test_head_closing_early_ends_quietly(
     fmt: str, big: OpenedSession, tower_env: dict[str, str], conn: psycopg.Connection
 ) -> None:
-    proc = subprocess.Popen(
-        command(big, fmt), env=environment(tower_env), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
+    proc = streaming(big, fmt, tower_env)
     assert proc.stdout is not None and proc.stderr is not None
     head = subprocess.Popen(["head", "-c", "100"], stdin=proc.stdout, stdout=subprocess.PIPE)
     proc.stdout.close()  # head holds the only read end now
@@ -138,32 +152,16 @@ def test_less_quitting_on_a_terminal_ends_quietly(
     if pid == 0:  # the child: bash with the pty as its controlling terminal
         os.execve("/bin/bash", ["bash", "-c", script], env)
     try:
-        seen = _read_until(master, lambda data: len(data) > 200, timeout=30)
+        seen = read_pty(master, 30, until=lambda data: len(data) > 200)
         assert len(seen) > 200, seen
         os.write(master, b"q")
-        _read_until(master, lambda data: False, timeout=30)  # until bash ends (EIO)
+        read_pty(master, 30)  # until bash ends (EIO)
         assert _wait(pid, timeout=30) == 0
     finally:
         os.close(master)
     assert status.read_text().strip() == str(ExitCode.OK.value)
     assert (tmp_path / "stderr").read_bytes() == b""
     assert_nothing_left_open(conn)
-
-
-def _read_until(master: int, done: object, timeout: float) -> bytes:
-    data = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not done(data):  # type: ignore[operator]
-        ready, _, _ = select.select([master], [], [], 0.2)
-        if ready:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            data += chunk
-    return data
 
 
 def _wait(pid: int, timeout: float) -> int:
@@ -246,9 +244,7 @@ def test_a_full_file_system_exits_10_and_keeps_the_target(
     )  # fmt: skip
     assert proc.returncode == ExitCode.WRITE_FAILED
     assert f"cannot write {target}: No space left on device" in one_line(proc.stderr)
-    assert target.read_bytes() == PREVIOUS
-    only_target(tiny_fs, target.name)
-    assert_nothing_left_open(conn)
+    assert_target_kept(target, conn)
 
 
 # --- signals and a lost server part way -----------------------------------------------
@@ -279,6 +275,23 @@ def wait_for_part_and_lock(folder: Path, conn: psycopg.Connection, proc: subproc
     raise AssertionError("the export never reached its .part file and the locked table")
 
 
+@contextlib.contextmanager
+def exporting_to_a_file(
+    big: OpenedSession, fmt: str, tower_env: dict[str, str], conn: psycopg.Connection,
+    db_url: str, tmp_path: Path,
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:  # fmt: skip
+    """An export with `-o` over a previous one in a folder of its own, held part way (its
+    `.part` file made, waiting for the locked table): (the process, the target)."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    target = folder / f"out.{fmt}"
+    target.write_bytes(PREVIOUS)
+    with messages_locked(db_url):
+        proc = streaming(big, fmt, tower_env, "-o", str(target))
+        wait_for_part_and_lock(folder, conn, proc)
+        yield proc, target
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("sig", "code"), [(signal.SIGINT, SIGINT_EXIT), (signal.SIGTERM, SIGTERM_EXIT)]
@@ -288,23 +301,12 @@ def test_a_signal_during_an_export_to_a_file(
     fmt: str, sig: int, code: int, big: OpenedSession, tower_env: dict[str, str],
     conn: psycopg.Connection, db_url: str, tmp_path: Path,
 ) -> None:  # fmt: skip
-    folder = tmp_path / "out"
-    folder.mkdir()
-    target = folder / f"out.{fmt}"
-    target.write_bytes(PREVIOUS)
-    with messages_locked(db_url):
-        proc = subprocess.Popen(
-            command(big, fmt, "-o", str(target)), env=environment(tower_env),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        wait_for_part_and_lock(folder, conn, proc)
+    with exporting_to_a_file(big, fmt, tower_env, conn, db_url, tmp_path) as (proc, target):
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == code, err
     assert out == b"" and b"Traceback" not in err
-    assert target.read_bytes() == PREVIOUS
-    only_target(folder, target.name)
-    assert_nothing_left_open(conn)
+    assert_target_kept(target, conn)
 
 
 @pytest.mark.timeout(60)
@@ -316,10 +318,7 @@ def test_a_signal_while_streaming_to_a_pipe(
     fmt: str, sig: int, code: int, big: OpenedSession, tower_env: dict[str, str],
     conn: psycopg.Connection,
 ) -> None:  # fmt: skip
-    proc = subprocess.Popen(
-        command(big, fmt), env=environment(tower_env), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
+    proc = streaming(big, fmt, tower_env)
     assert proc.stdout is not None
     assert len(proc.stdout.read(100)) == 100  # the export is under way (and blocks on the pipe)
     proc.send_signal(sig)
@@ -342,10 +341,7 @@ def terminate_towerctl(conn: psycopg.Connection) -> int:
 def test_the_server_lost_while_streaming_exits_8(
     fmt: str, big: OpenedSession, tower_env: dict[str, str], conn: psycopg.Connection
 ) -> None:
-    proc = subprocess.Popen(
-        command(big, fmt), env=environment(tower_env), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
+    proc = streaming(big, fmt, tower_env)
     assert proc.stdout is not None
     first = proc.stdout.read(100)
     assert len(first) == 100
@@ -364,23 +360,12 @@ def test_the_server_lost_during_an_export_to_a_file(
     fmt: str, big: OpenedSession, tower_env: dict[str, str], conn: psycopg.Connection,
     db_url: str, tmp_path: Path,
 ) -> None:  # fmt: skip
-    folder = tmp_path / "out"
-    folder.mkdir()
-    target = folder / f"out.{fmt}"
-    target.write_bytes(PREVIOUS)
-    with messages_locked(db_url):
-        proc = subprocess.Popen(
-            command(big, fmt, "-o", str(target)), env=environment(tower_env),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        wait_for_part_and_lock(folder, conn, proc)
+    with exporting_to_a_file(big, fmt, tower_env, conn, db_url, tmp_path) as (proc, target):
         assert terminate_towerctl(conn) == 1
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == ExitCode.UNREACHABLE, err
     assert "lost the database connection" in one_line(err)
-    assert target.read_bytes() == PREVIOUS
-    only_target(folder, target.name)
-    assert_nothing_left_open(conn)
+    assert_target_kept(target, conn)
 
 
 # --- -o: stdout, links, leftovers ----------------------------------------------------
