@@ -4,7 +4,6 @@ statement checks PostgreSQL's grammar makes before anything runs."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -48,8 +47,7 @@ def tree_checksum(sql: str) -> str:
     """SHA-256 of the file's parse tree without locations: unchanged by cosmetic edits."""
     from towerctl import sqlsplit  # pglast: only when a file is parsed
 
-    tree = sqlsplit.parse_tree(sql.removeprefix(BOM))
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+    return sqlsplit.tree_checksum(sql.removeprefix(BOM))
 
 
 def default_dir() -> Path:
@@ -129,15 +127,23 @@ def discover(directory: Path) -> list[Migration]:
 
 
 def check_statements(migration: Migration) -> tuple[Statement, ...]:
-    """The file's statements as PostgreSQL's grammar reads them, or `MigrationError` naming the
-    file and line of anything the run would refuse: a syntax error, transaction control, a COPY
-    that needs the client's data stream, a statement that cannot run in (or, in a no-transaction
-    file, cannot safely re-run outside) a transaction."""
+    """The file's statements as PostgreSQL's grammar reads them (see `check_file`)."""
+    return check_file(migration)[0]
+
+
+def check_file(migration: Migration) -> tuple[tuple[Statement, ...], str]:
+    """The file's statements as PostgreSQL's grammar reads them and its tree checksum, from one
+    parse, or `MigrationError` naming the file and line of anything the run would refuse: a
+    syntax error, transaction control, a COPY that needs the client's data stream, a statement
+    that cannot run in (or, in a no-transaction file, cannot safely re-run outside) a
+    transaction."""
     from towerctl import sqlsplit  # pglast: only when a file is parsed
 
     name = migration.filename
+    tree = ""
     try:
-        statements = sqlsplit.parse_script(migration.sql)
+        parsed = sqlsplit.parse(migration.sql)
+        statements, tree = parsed.statements, parsed.tree_checksum
     except sqlsplit.SQLSyntaxError as error:
         # psql-style COPY data after `COPY … FROM STDIN;` is what the grammar tripped on.
         try:
@@ -175,7 +181,7 @@ def check_statements(migration: Migration) -> tuple[Statement, ...]:
                 "SELECT)",
                 hint="move it to a transactional file",
             )
-    return tuple(statements)
+    return tuple(statements), tree
 
 
 def _first_words(statement: Statement) -> str:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 LEDGER_TABLE = "tower_schema_migrations"
 LEASE_TABLE = "tower_schema_migration_lease"
 REPAIRS_TABLE = "tower_schema_migration_repairs"
+GUARD_FUNCTION = "tower_schema_migration_guard"
 LOCK_KEY = 0x746F776572_6D6967  # "tower" "mig"
 MAX_LOCK_WAIT_SECONDS = 86_400
 LEASE_GRACE_SECONDS = 5  # a lease whose holder stopped renewing it (and runs nothing) expires
@@ -61,7 +62,8 @@ CREATE TABLE IF NOT EXISTS {REPAIRS_TABLE} (
 LEDGER_READY = f"""
 SELECT to_regclass('{LEASE_TABLE}') IS NOT NULL AND to_regclass('{REPAIRS_TABLE}') IS NOT NULL
    AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('{LEDGER_TABLE}')
-               AND attname = 'tree_checksum' AND NOT attisdropped),
+               AND attname = 'tree_checksum' AND NOT attisdropped)
+   AND to_regprocedure('{GUARD_FUNCTION}(bigint,boolean,integer)') IS NOT NULL,
        pg_is_in_recovery()"""
 INVALID_INDEXES = """
 SELECT i.indexrelid::regclass FROM pg_index i
@@ -88,13 +90,17 @@ RECHECK = f"""
 SELECT (SELECT checksum FROM {LEDGER_TABLE} WHERE version = %s),
        (SELECT max(version) FROM {LEDGER_TABLE}),
        (SELECT file FROM {LEASE_TABLE} l WHERE {LEASE_LIVE})"""
-# One transactional file in one round trip (pipelined): this block takes the lock only if it
-# is free at once and goes on only if the version is unapplied, nothing higher is applied
-# (unless allowed) and no lease is live; otherwise it raises FAST_PATH_REFUSED and the file
-# takes the step-by-step path, which waits, names the holder, skips or refuses as it should.
+# One transactional file in one round trip (pipelined): the guard, a function of the ledger
+# (its plans are kept per server connection, where a DO block would be compiled for every
+# file), takes the lock only if it is free at once and goes on only if the version is
+# unapplied, nothing higher is applied (unless allowed) and no lease is live; otherwise it
+# raises FAST_PATH_REFUSED and the file takes the step-by-step path, which waits, names the
+# holder, skips or refuses as it should. It also sets the statements' lock timeout.
 FAST_PATH_REFUSED = "TWSLO"
-FAST_GUARD = f"""
-DO $towerctl$
+CREATE_GUARD = f"""
+CREATE OR REPLACE FUNCTION {GUARD_FUNCTION}(file_version bigint, out_of_order boolean,
+                                           lock_ms integer)
+RETURNS void LANGUAGE plpgsql AS $towerctl$
 DECLARE
     applied text;
     highest bigint;
@@ -103,23 +109,25 @@ BEGIN
     IF NOT pg_try_advisory_xact_lock({LOCK_KEY}) THEN
         RAISE EXCEPTION 'migration lock taken' USING ERRCODE = '{FAST_PATH_REFUSED}';
     END IF;
-    SELECT checksum INTO applied FROM {LEDGER_TABLE} WHERE version = %(version)s;
+    SELECT checksum INTO applied FROM {LEDGER_TABLE} WHERE version = file_version;
     SELECT max(version) INTO highest FROM {LEDGER_TABLE};
     SELECT file INTO leased FROM {LEASE_TABLE} l WHERE {LEASE_LIVE};
     IF applied IS NOT NULL OR leased IS NOT NULL
-       OR (highest > %(version)s AND NOT %(out_of_order)s) THEN
+       OR (highest > file_version AND NOT out_of_order) THEN
         RAISE EXCEPTION 'ledger changed' USING ERRCODE = '{FAST_PATH_REFUSED}';
     END IF;
     PERFORM set_config('towerctl.started', extract(epoch FROM clock_timestamp())::text, true);
+    PERFORM set_config('lock_timeout', lock_ms || 'ms', true);
 END
 $towerctl$"""
+FAST_GUARD = f"SELECT {GUARD_FUNCTION}($1, $2, $3)"
 # The ledger row of a file run by the fast path, its time measured by the server.
 INSERT_LEDGER_TIMED = f"""
 INSERT INTO {LEDGER_TABLE} (version, name, checksum, execution_ms, baseline, tree_checksum)
-VALUES (%s, %s, %s,
+VALUES ($1, $2, $3,
         (extract(epoch FROM clock_timestamp())
          - current_setting('towerctl.started')::numeric) * 1000,
-        false, %s)
+        false, $4)
 RETURNING execution_ms"""
 TAKE_LEASE = f"""
 INSERT INTO {LEASE_TABLE} (token, version, file, owner, application_name, deadline)
@@ -215,7 +223,7 @@ def ensure_ledger(
     with conn.transaction():
         take_lock(conn, timeout_seconds, notify)
         conn.execute("SET LOCAL lock_timeout = '10s'")
-        for ddl in (CREATE_LEDGER, ADD_TREE_CHECKSUM, CREATE_LEASE, CREATE_REPAIRS):
+        for ddl in (CREATE_LEDGER, ADD_TREE_CHECKSUM, CREATE_LEASE, CREATE_REPAIRS, CREATE_GUARD):
             conn.execute(ddl)
 
 

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from towerctl.errors import BadInput, MigrationError
-from towerctl.migration_files import Migration, check_statements, check_version
+from towerctl.migration_files import Migration, check_file, check_version
 
 if TYPE_CHECKING:
     from towerctl.sqlsplit import Statement
@@ -54,6 +54,7 @@ class Step:
 
     migration: Migration
     statements: tuple[Statement, ...]
+    tree_checksum: str | None = None  # from the same parse; None: parse again when needed
 
 
 def find_problems(files: Sequence[Migration], ledger: Sequence[AppliedMigration]) -> list[str]:
@@ -120,7 +121,7 @@ def prepare(plan: Plan) -> list[Step]:
     problems: list[str] = []
     for migration in plan.steps:
         try:
-            steps.append(Step(migration, check_statements(migration)))
+            steps.append(Step(migration, *check_file(migration)))
         except MigrationError as error:
             problems.append(str(error))
     if problems:

@@ -2,29 +2,40 @@
 
 libpg_query (through pglast) is the server's parser compiled as a library, so
 towerctl and the server never disagree on where a statement ends, what kind of
-statement it is, or whether it controls the transaction. pglast reports
-locations in characters (it converts libpg_query's byte offsets).
+statement it is, or whether it controls the transaction.
+
+A file is parsed once, into libpg_query's own JSON (built in C, read by the C
+`json` decoder): statement boundaries, lines, kinds, the checks below and the
+tree checksum of `repair` all come from that one parse. Locations in the JSON
+are UTF-8 byte offsets, so the script is sliced as bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from pglast import ast, parser
+from pglast import parser
 
 # Statements PostgreSQL refuses inside a transaction block: a transactional file
 # holding one would fail at run time, so it is refused before anything runs.
-_NEEDS_NO_TRANSACTION = (
-    ast.VacuumStmt,
-    ast.CreatedbStmt,
-    ast.DropdbStmt,
-    ast.AlterSystemStmt,
-    ast.CreateTableSpaceStmt,
-    ast.DropTableSpaceStmt,
+_NEEDS_NO_TRANSACTION = frozenset(
+    {
+        "VacuumStmt",
+        "CreatedbStmt",
+        "DropdbStmt",
+        "AlterSystemStmt",
+        "CreateTableSpaceStmt",
+        "DropTableSpaceStmt",
+    }
 )
-_LOCATION_KEYS = frozenset({"location", "stmt_location", "stmt_len"})
+# A node's `"location":N` member in libpg_query's JSON (a key, never string content: inside a
+# JSON string every `"` is escaped). The statement's own stmt_location/stmt_len sit beside the
+# node, not in it, so the node without these members is the tree the checksum covers.
+_LOCATION = re.compile(r',"location":-?[0-9]+|"location":-?[0-9]+,?')
 
 
 @dataclass(frozen=True)
@@ -32,11 +43,17 @@ class Statement:
     text: str
     line: int  # 1-based line of the statement's first token in the script
     kind: str  # the parse node's name: "CreateStmt", "TransactionStmt", ...
-    node: Any = None  # the pglast node (for the checks below)
+    node: Any = None  # the node's fields, as libpg_query's JSON gives them (for the checks below)
 
     def line_of(self, position: int) -> int:
         """The script line of a 1-based character position within this statement."""
         return self.line + self.text[: max(position - 1, 0)].count("\n")
+
+
+@dataclass(frozen=True)
+class ParsedScript:
+    statements: list[Statement]
+    tree_checksum: str  # see `tree_checksum`
 
 
 class SQLSyntaxError(ValueError):
@@ -53,98 +70,113 @@ def parser_version() -> str:
     return f"{major}.{minor}"
 
 
-def parse_script(script: str) -> list[Statement]:
-    """Every statement of `script` with its first line; raises `SQLSyntaxError`."""
+def _parse_json(script: str) -> str:
     try:
-        raw = parser.parse_sql(script)
+        return str(parser.parse_sql_json(script))
     except parser.ParseError as error:
         message = str(error.args[0]) if error.args else str(error)
         index = error.args[1] if len(error.args) > 1 and isinstance(error.args[1], int) else 0
-        index = max(index, 0)
+        index = max(index, 0)  # pglast gives the error's position in characters
         raise SQLSyntaxError(message, script.count("\n", 0, index) + 1, index) from None
+
+
+def parse(script: str) -> ParsedScript:
+    """Every statement of `script` with its first line, and the tree checksum, from one parse;
+    raises `SQLSyntaxError`."""
+    stripped = _LOCATION.sub("", _parse_json(script))
+    items = json.loads(stripped).get("stmts", [])
+    data = script.encode()
     statements: list[Statement] = []
-    for item in raw:
-        start = item.stmt_location or 0
-        end = start + item.stmt_len if item.stmt_len else len(script)
-        text = script[start:end].strip()
-        # stmt_location points at the statement's first token (comments before it skipped).
-        lead = len(script[start:end]) - len(script[start:end].lstrip())
-        line = script.count("\n", 0, start + lead) + 1
-        statements.append(Statement(text, line, type(item.stmt).__name__, item.stmt))
-    return statements
+    for item in items:
+        start = item.get("stmt_location", 0)
+        length = item.get("stmt_len", 0)
+        # stmt_location is the statement's first byte (after the previous ';'); comments and
+        # blanks before its first token belong to it, as they do to PostgreSQL.
+        raw = data[start : start + length] if length else data[start:]
+        lead = len(raw) - len(raw.lstrip())
+        line = data.count(b"\n", 0, start + lead) + 1
+        ((kind, node),) = item["stmt"].items()
+        statements.append(Statement(raw.decode().strip(), line, kind, node))
+    tree = [item["stmt"] for item in items]
+    digest = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+    return ParsedScript(statements, digest)
+
+
+def parse_script(script: str) -> list[Statement]:
+    """Every statement of `script` with its first line; raises `SQLSyntaxError`."""
+    return parse(script).statements
+
+
+def parse_tree(script: str) -> list[Any]:
+    """The parse tree of `script` without source locations: equal for two scripts exactly when
+    PostgreSQL reads the same statements from both (comments, whitespace, keyword case aside)."""
+    return [item["stmt"] for item in json.loads(_LOCATION.sub("", _parse_json(script)))["stmts"]]
+
+
+def tree_checksum(script: str) -> str:
+    """SHA-256 of `parse_tree(script)` as sorted JSON: unchanged by cosmetic edits. The same
+    digest towerctl has recorded in the ledger since the column was added."""
+    return parse(script).tree_checksum
 
 
 def is_transaction_control(statement: Statement) -> bool:
-    return isinstance(statement.node, ast.TransactionStmt)
+    return statement.kind == "TransactionStmt"
 
 
 def copy_with_client(statement: Statement) -> str | None:
     """'FROM STDIN' / 'TO STDOUT' when a COPY needs the client's data stream."""
     node = statement.node
-    if isinstance(node, ast.CopyStmt) and node.filename is None and not node.is_program:
-        return "FROM STDIN" if node.is_from else "TO STDOUT"
+    if statement.kind == "CopyStmt" and not node.get("filename") and not node.get("is_program"):
+        return "FROM STDIN" if node.get("is_from") else "TO STDOUT"
     return None
 
 
 def needs_no_transaction(statement: Statement) -> bool:
     """Whether PostgreSQL refuses this statement inside a transaction block."""
-    node = statement.node
-    if isinstance(node, _NEEDS_NO_TRANSACTION):
+    kind, node = statement.kind, statement.node
+    if kind in _NEEDS_NO_TRANSACTION:
         return True
-    if isinstance(node, ast.IndexStmt | ast.DropStmt):
-        return bool(node.concurrent)
-    if isinstance(node, ast.ReindexStmt):
-        return _has_option(node.params, "concurrently")
+    if kind in ("IndexStmt", "DropStmt"):
+        return bool(node.get("concurrent"))
+    if kind == "ReindexStmt":
+        return _has_option(node.get("params"), "concurrently")
     return False
 
 
 def _has_option(params: Any, name: str) -> bool:
     for item in params or ():
-        if isinstance(item, ast.DefElem) and item.defname == name:
-            return item.arg is None or str(getattr(item.arg, "sval", "true")) != "false"
+        option = item.get("DefElem")
+        if option is not None and option.get("defname") == name:
+            arg = option.get("arg")
+            if arg is None:
+                return True
+            value = arg.get("String", {}).get("sval", "true") if isinstance(arg, dict) else "true"
+            return str(value) != "false"
     return False
 
 
 def rerunnable(statement: Statement) -> bool:
     """Whether running the statement a second time changes nothing more than the first did:
     the rule for no-transaction files, whose failures cannot be rolled back."""
-    node = statement.node
-    if isinstance(node, ast.IndexStmt):
-        return bool(node.concurrent and node.if_not_exists)
-    if isinstance(node, ast.DropStmt):
-        return bool(node.concurrent and node.missing_ok)
-    if isinstance(node, ast.ReindexStmt):
-        return _has_option(node.params, "concurrently")
-    if isinstance(node, ast.VacuumStmt):
+    kind, node = statement.kind, statement.node
+    if kind == "IndexStmt":
+        return bool(node.get("concurrent") and node.get("if_not_exists"))
+    if kind == "DropStmt":
+        return bool(node.get("concurrent") and node.get("missing_ok"))
+    if kind == "ReindexStmt":
+        return _has_option(node.get("params"), "concurrently")
+    if kind == "VacuumStmt":
         return True
-    if isinstance(node, ast.AlterEnumStmt):
-        return bool(node.newVal and node.skipIfNewValExists)
-    if isinstance(node, ast.SelectStmt):
-        return node.intoClause is None and not node.lockingClause and not _writes(node)
+    if kind == "AlterEnumStmt":
+        return bool(node.get("newVal") and node.get("skipIfNewValExists"))
+    if kind == "SelectStmt":
+        return not node.get("intoClause") and not node.get("lockingClause") and not _writes(node)
     return False
 
 
-def _writes(select: ast.SelectStmt) -> bool:
-    ctes = select.withClause.ctes if select.withClause else ()
+def _writes(select: dict[str, Any]) -> bool:
+    ctes = (select.get("withClause") or {}).get("ctes") or ()
     return any(
-        isinstance(cte, ast.CommonTableExpr) and not isinstance(cte.ctequery, ast.SelectStmt)
-        for cte in ctes or ()
+        "CommonTableExpr" in cte and "SelectStmt" not in cte["CommonTableExpr"].get("ctequery", {})
+        for cte in ctes
     )
-
-
-def parse_tree(script: str) -> list[Any]:
-    """The parse tree of `script` without source locations: equal for two scripts exactly when
-    PostgreSQL reads the same statements from both (comments, whitespace, keyword case aside)."""
-    try:
-        tree = json.loads(parser.parse_sql_json(script))
-    except parser.ParseError as error:
-        raise SQLSyntaxError(str(error.args[0]) if error.args else str(error), 1) from None
-    return [_strip_locations(item["stmt"]) for item in tree.get("stmts", [])]
-
-
-def _strip_locations(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _strip_locations(v) for k, v in value.items() if k not in _LOCATION_KEYS}
-    if isinstance(value, list):
-        return [_strip_locations(v) for v in value]
-    return value
