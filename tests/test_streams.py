@@ -35,6 +35,9 @@ FILLER = 600  # characters per message: about 2.5 MB of transcript
 TOWERCTL = [sys.executable, "-m", "towerctl"]
 PREVIOUS = b"previous export, must survive\n"
 SIGINT_EXIT, SIGTERM_EXIT = 130, 143
+EACH_SIGNAL = pytest.mark.parametrize(
+    ("sig", "code"), [(signal.SIGINT, SIGINT_EXIT), (signal.SIGTERM, SIGTERM_EXIT)]
+)
 
 
 def seed(conn: psycopg.Connection, session_id: str, count: int = MESSAGES) -> None:
@@ -70,14 +73,30 @@ def environment(tower_env: dict[str, str]) -> dict[str, str]:
     return {**os.environ, **tower_env}
 
 
+def piped(argv: list[str], tower_env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`argv` under way, its stdout and stderr on pipes."""
+    return subprocess.Popen(
+        argv, env=environment(tower_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
 def streaming(
     s: OpenedSession, fmt: str, tower_env: dict[str, str], *extra: str
 ) -> subprocess.Popen[bytes]:
     """The export under way, its stdout and stderr on pipes."""
-    return subprocess.Popen(
-        command(s, fmt, *extra), env=environment(tower_env), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
+    return piped(command(s, fmt, *extra), tower_env)
+
+
+def assert_head_ends_it_quietly(argv: list[str], tower_env: dict[str, str]) -> None:
+    """`argv | head -c 100`: head shows 100 bytes, then `argv` exits 0 with nothing on stderr."""
+    proc = piped(argv, tower_env)
+    assert proc.stdout is not None and proc.stderr is not None
+    head = subprocess.Popen(["head", "-c", "100"], stdin=proc.stdout, stdout=subprocess.PIPE)
+    proc.stdout.close()  # head holds the only read end now
+    shown, _ = head.communicate(timeout=30)
+    assert len(shown) == 100
+    assert proc.wait(timeout=30) == ExitCode.OK, proc.stderr.read()
+    assert proc.stderr.read() == b""
 
 
 def towerctl_backends(conn: psycopg.Connection) -> list[tuple[int, str]]:
@@ -126,14 +145,7 @@ def one_line(stderr: bytes) -> str:
 def test_head_closing_early_ends_quietly(
     fmt: str, big: OpenedSession, tower_env: dict[str, str], conn: psycopg.Connection
 ) -> None:
-    proc = streaming(big, fmt, tower_env)
-    assert proc.stdout is not None and proc.stderr is not None
-    head = subprocess.Popen(["head", "-c", "100"], stdin=proc.stdout, stdout=subprocess.PIPE)
-    proc.stdout.close()  # head holds the only read end now
-    shown, _ = head.communicate(timeout=30)
-    assert len(shown) == 100
-    assert proc.wait(timeout=30) == ExitCode.OK
-    assert proc.stderr.read() == b""
+    assert_head_ends_it_quietly(command(big, fmt), tower_env)
     assert_nothing_left_open(conn)
 
 
@@ -293,9 +305,7 @@ def exporting_to_a_file(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(
-    ("sig", "code"), [(signal.SIGINT, SIGINT_EXIT), (signal.SIGTERM, SIGTERM_EXIT)]
-)
+@EACH_SIGNAL
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_signal_during_an_export_to_a_file(
     fmt: str, sig: int, code: int, big: OpenedSession, tower_env: dict[str, str],
@@ -310,9 +320,7 @@ def test_a_signal_during_an_export_to_a_file(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(
-    ("sig", "code"), [(signal.SIGINT, SIGINT_EXIT), (signal.SIGTERM, SIGTERM_EXIT)]
-)
+@EACH_SIGNAL
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_signal_while_streaming_to_a_pipe(
     fmt: str, sig: int, code: int, big: OpenedSession, tower_env: dict[str, str],
@@ -523,17 +531,7 @@ def test_macaroon_inspect_ends_quietly_when_the_reader_is_gone(
 
 
 def _assert_head_is_quiet(args: list[str], tower_env: dict[str, str]) -> None:
-    proc = subprocess.Popen(
-        [*TOWERCTL, *args], env=environment(tower_env), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stdout is not None and proc.stderr is not None
-    head = subprocess.Popen(["head", "-c", "100"], stdin=proc.stdout, stdout=subprocess.PIPE)
-    proc.stdout.close()
-    shown, _ = head.communicate(timeout=30)
-    assert len(shown) == 100
-    assert proc.wait(timeout=30) == ExitCode.OK, proc.stderr.read()
-    assert proc.stderr.read() == b""
+    assert_head_ends_it_quietly([*TOWERCTL, *args], tower_env)
     # And with the reader gone before the first byte (output of any size).
     read_end, write_end = os.pipe()
     os.close(read_end)
