@@ -63,6 +63,14 @@ def run(args: list[str], env: dict[str, str], stdin: str = "") -> subprocess.Com
     )
 
 
+def refused_as_busy(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`args` with no busy wait: refused at once, exit 5, "busy" on stderr."""
+    refused = run(args, {**env, "TOWER_BUSY_WAIT": "0"})
+    assert refused.returncode == ExitCode.NOT_SERVED, refused.stderr
+    assert "busy" in refused.stderr, refused.stderr
+    return refused
+
+
 def wait_for(what: str, seen: Callable[[], bool], timeout: float = 60) -> None:
     """Until `seen()` (an observed event); the timeout only bounds a hung test."""
     deadline = time.monotonic() + timeout
@@ -103,6 +111,17 @@ def gate_agent(folder: Path, started: Path, gate: Path) -> str:
 
 def gated(s: OpenedSession, message: str, agent: str) -> list[str]:
     return ["session", "request", s.id, message, "--agent", agent, "--macaroon", s.macaroon]
+
+
+def held_request(
+    s: OpenedSession, message: str, env: dict[str, str], folder: Path
+) -> tuple[subprocess.Popen[str], Path, Path]:
+    """A request of `message` whose agent has started (its pid written) and now waits for
+    the gate file: (the towerctl process, the agent's pid file, the gate)."""
+    started, gate = folder / "started", folder / "gate"
+    proc = spawn(gated(s, message, gate_agent(folder, started, gate)), env)
+    wait_for("the agent start", lambda: started.exists() and started.read_text() != "")
+    return proc, started, gate
 
 
 def intervals(log: Path) -> list[tuple[float, float]]:
@@ -242,22 +261,15 @@ def test_busy_session_is_refused_at_once_or_waited_for(
 ) -> None:
     env, direct = race_env
     s = open_in(env, 10_000)
-    started, gate = tmp_path / "started", tmp_path / "gate"
-    holder = spawn(
-        gated(s, "held", gate_agent(tmp_path, started, gate)),
-        env,
-    )
-    wait_for("the first request's agent start", started.exists)
+    holder, _started, gate = held_request(s, "held", env, tmp_path)
     owner, _until, live = lease(direct, s.id)
     assert owner is not None and live
 
     # TOWER_BUSY_WAIT=0: refused at once, exit 5 "busy", nothing written, JSON says so.
-    refused = run(
-        ["session", "request", s.id, "second", "--json", "--macaroon", s.macaroon],
-        {**env, "TOWER_BUSY_WAIT": "0"},
+    refused = refused_as_busy(
+        ["session", "request", s.id, "second", "--json", "--macaroon", s.macaroon], env
     )
-    assert refused.returncode == ExitCode.NOT_SERVED, refused.stderr
-    assert refused.stderr.count("\n") == 1 and "busy" in refused.stderr
+    assert refused.stderr.count("\n") == 1
     doc = json.loads(refused.stdout)
     assert doc["requestId"] is None and doc["state"] == "rejected" and "busy" in doc["reason"]
     assert doc["exitCode"] == ExitCode.NOT_SERVED and doc["debitedSats"] == 0
@@ -306,24 +318,15 @@ def test_killed_request_blocks_the_session_only_until_its_lease_ends(
     cli: CLI, db_url: str, tower_env: dict[str, str], tmp_path: Path
 ) -> None:
     s = open_session(cli, 10_000)
-    started, gate = tmp_path / "started", tmp_path / "never"
     env = {**tower_env, "TOWER_AGENT_TIMEOUT": "3"}  # lease: 3 s + the 5 s margin
-    victim = spawn(
-        gated(s, "killed", gate_agent(tmp_path, started, gate)),
-        env,
-    )
-    wait_for("the agent start", lambda: started.exists() and started.read_text() != "")
+    victim, started, _never = held_request(s, "killed", env, tmp_path)
     owner, until, live = lease(db_url, s.id)
     assert owner is not None and until is not None and live
     victim.kill()  # SIGKILL: no finally runs, the lease stays in the row
     victim.communicate(timeout=30)
     os.kill(int(started.read_text()), signal.SIGKILL)  # its agent too (own process group)
 
-    refused = run(
-        ["session", "request", s.id, "too early", "--macaroon", s.macaroon],
-        {**env, "TOWER_BUSY_WAIT": "0"},
-    )
-    assert refused.returncode == ExitCode.NOT_SERVED and "busy" in refused.stderr
+    refused_as_busy(["session", "request", s.id, "too early", "--macaroon", s.macaroon], env)
     assert lease(db_url, s.id)[2], "the killed request's lease is still live"
 
     served = run(
@@ -348,13 +351,8 @@ def test_a_request_that_lost_its_lease_writes_nothing(
     """A request stalled past its lease (SIGSTOP) while another is served: when it wakes,
     its write finds the lease gone and records nothing (no second concurrent debit)."""
     s = open_session(cli, 10_000)
-    started, gate = tmp_path / "started", tmp_path / "gate"
     env = {**tower_env, "TOWER_AGENT_TIMEOUT": "1"}  # lease: 1 s + the 5 s margin
-    stalled = spawn(
-        gated(s, "stalled", gate_agent(tmp_path, started, gate)),
-        env,
-    )
-    wait_for("the agent start", started.exists)
+    stalled, _started, gate = held_request(s, "stalled", env, tmp_path)
     stalled.send_signal(signal.SIGSTOP)
     try:
         gate.touch()
@@ -434,17 +432,10 @@ def test_clear_history_waits_for_the_request_in_flight(
     cli: CLI, db_url: str, tower_env: dict[str, str], tmp_path: Path
 ) -> None:
     s = open_session(cli, 10_000)
-    started, gate = tmp_path / "started", tmp_path / "gate"
-    holder = spawn(
-        gated(s, "held", gate_agent(tmp_path, started, gate)),
-        tower_env,
+    holder, _started, gate = held_request(s, "held", tower_env, tmp_path)
+    refused_as_busy(
+        ["session", "clear-history", s.id, "--yes", "--macaroon", s.macaroon], tower_env
     )
-    wait_for("the agent start", started.exists)
-    busy = run(
-        ["session", "clear-history", s.id, "--yes", "--macaroon", s.macaroon],
-        {**tower_env, "TOWER_BUSY_WAIT": "0"},
-    )
-    assert busy.returncode == ExitCode.NOT_SERVED and "busy" in busy.stderr
     gate.touch()
     assert holder.communicate(timeout=60)[0] == "held\n"
     done = run(["session", "clear-history", s.id, "--yes", "--macaroon", s.macaroon], tower_env)
