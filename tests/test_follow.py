@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -89,13 +89,32 @@ def stopper() -> Iterator[list[subprocess.Popen[bytes]]]:
             process.wait(10)
 
 
+Following = Callable[..., tuple[subprocess.Popen[bytes], Path]]
+
+
+@pytest.fixture
+def following(
+    tower_env: dict[str, str], tmp_path: Path, stopper: list[subprocess.Popen[bytes]]
+) -> Following:
+    """`following(s, name, *args)`: a follower of `s` writing to tmp_path/name, stopped
+    at the end of the test; (the process, its output file)."""
+
+    def start(s: OpenedSession, name: str, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+        out = tmp_path / name
+        follow = follower(tower_env, s, out, *args)
+        stopper.append(follow)
+        return follow, out
+
+    return start
+
+
 @pytest.mark.timeout(180)
 def test_three_writers_follower_equals_the_table(
     cli: CLI,
     conn: psycopg.Connection,
     tower_env: dict[str, str],
-    tmp_path: Path,
     stopper: list[subprocess.Popen[bytes]],
+    following: Following,
 ) -> None:
     s = open_session(cli, 10_000_000)
     for n in range(5):
@@ -121,9 +140,7 @@ def test_three_writers_follower_equals_the_table(
     writers[2].stdin.write(batch.encode())  # type: ignore[union-attr]
     writers[2].stdin.close()  # type: ignore[union-attr]
     time.sleep(0.7)  # writes are committing while the follower starts and prints its page
-    out = tmp_path / "follow.ndjson"
-    follow = follower(tower_env, s, out, "-f", "ndjson")
-    stopper.append(follow)
+    follow, out = following(s, "follow.ndjson", "-f", "ndjson")
     for w in writers:
         assert w.wait(60) == 0
     final = table_ids(conn, s.id)
@@ -143,13 +160,11 @@ def request(cli: CLI, s: OpenedSession, text: str) -> None:
 
 @pytest.mark.timeout(60)
 def test_live_messages_come_as_they_commit_then_sigint_ends_it(
-    cli: CLI, tower_env: dict[str, str], tmp_path: Path, stopper: list[subprocess.Popen[bytes]]
+    cli: CLI, following: Following
 ) -> None:
     s = open_session(cli, 1_000_000)
     request(cli, s, "first")
-    out = tmp_path / "follow.ndjson"
-    follow = follower(tower_env, s, out, "-f", "ndjson", "--last", "1")
-    stopper.append(follow)
+    follow, out = following(s, "follow.ndjson", "-f", "ndjson", "--last", "1")
     assert wait_for(lambda: len(printed_ids(out)) == 1, 15)
     assert json.loads(out.read_text())["content"] == "first"  # --last 1: the reply only
     request(cli, s, "second")
@@ -163,13 +178,9 @@ def test_live_messages_come_as_they_commit_then_sigint_ends_it(
 
 
 @pytest.mark.timeout(60)
-def test_table_follow_prints_new_rows(
-    cli: CLI, tower_env: dict[str, str], tmp_path: Path, stopper: list[subprocess.Popen[bytes]]
-) -> None:
+def test_table_follow_prints_new_rows(cli: CLI, following: Following) -> None:
     s = open_session(cli, 1_000_000)
-    out = tmp_path / "follow.txt"
-    follow = follower(tower_env, s, out, "-f", "table")
-    stopper.append(follow)
+    follow, out = following(s, "follow.txt", "-f", "table")
     assert wait_for(lambda: "content" in out.read_text(), 15)  # the header, nothing else
     request(cli, s, "hello table")
     assert wait_for(lambda: out.read_text().count("hello table") == 2, 10)
@@ -179,13 +190,9 @@ def test_table_follow_prints_new_rows(
 
 
 @pytest.mark.timeout(60)
-def test_revoked_token_stops_the_follow_with_exit_3(
-    cli: CLI, tower_env: dict[str, str], tmp_path: Path, stopper: list[subprocess.Popen[bytes]]
-) -> None:
+def test_revoked_token_stops_the_follow_with_exit_3(cli: CLI, following: Following) -> None:
     s = open_session(cli, 1_000_000)
-    out = tmp_path / "follow.ndjson"
-    follow = follower(tower_env, s, out, "-f", "ndjson")
-    stopper.append(follow)
+    follow, _out = following(s, "follow.ndjson", "-f", "ndjson")
     time.sleep(1.5)
     assert follow.poll() is None
     assert cli("macaroon", "revoke", s.macaroon).exit_code == ExitCode.OK
@@ -195,16 +202,10 @@ def test_revoked_token_stops_the_follow_with_exit_3(
 
 @pytest.mark.timeout(60)
 def test_session_expiry_ends_the_follow_normally(
-    cli: CLI,
-    conn: psycopg.Connection,
-    tower_env: dict[str, str],
-    tmp_path: Path,
-    stopper: list[subprocess.Popen[bytes]],
+    cli: CLI, conn: psycopg.Connection, following: Following
 ) -> None:
     s = open_session(cli, 1_000_000)
-    out = tmp_path / "follow.ndjson"
-    follow = follower(tower_env, s, out, "-f", "ndjson")
-    stopper.append(follow)
+    follow, _out = following(s, "follow.ndjson", "-f", "ndjson")
     time.sleep(1.5)
     conn.execute(
         "UPDATE sessions SET expires_at = now() - interval '1 second' WHERE id = %s", (s.id,)
