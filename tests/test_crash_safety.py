@@ -41,7 +41,11 @@ AGENT_SLEEP = 0.05
 BATCH_KILL_POINTS = ("agent started, nothing recorded", "outcomes printed", "agent started again")
 
 
-def report(record_property: RecordProperty, name: str, figures: dict[str, Any]) -> None:
+def report(record_property: RecordProperty, name: str, work: Callable[[], dict[str, Any]]) -> None:
+    """Run `work`, add the seconds it took to its figures, print and record them."""
+    began = time.monotonic()
+    figures = work()
+    figures["seconds"] = round(time.monotonic() - began, 1)
     print(f"\n[{name}] " + json.dumps(figures, sort_keys=True))
     for key, value in figures.items():
         record_property(key, value)
@@ -221,31 +225,28 @@ def kill_batches(
     }
 
 
+@pytest.mark.parametrize(
+    ("kills", "seed", "title"),
+    [
+        pytest.param(26, 20261126, "sigkill batch", id="26-kills"),
+        pytest.param(200, 7, "sigkill batch (slow)", id="200-kills", marks=pytest.mark.slow),
+    ],
+)
 def test_batch_sigkilled_at_random_moments_leaves_a_consistent_store(
     cli: CLI,
     db_url: str,
     tower_env: dict[str, str],
     tmp_path: Path,
     record_property: RecordProperty,
+    kills: int,
+    seed: int,
+    title: str,
 ) -> None:
-    began = time.monotonic()
-    figures = kill_batches(cli, db_url, tower_env, tmp_path, kills=26, seed=20261126)
-    figures["seconds"] = round(time.monotonic() - began, 1)
-    report(record_property, "sigkill batch", figures)
-
-
-@pytest.mark.slow
-def test_batch_sigkilled_200_times_leaves_a_consistent_store(
-    cli: CLI,
-    db_url: str,
-    tower_env: dict[str, str],
-    tmp_path: Path,
-    record_property: RecordProperty,
-) -> None:
-    began = time.monotonic()
-    figures = kill_batches(cli, db_url, tower_env, tmp_path, kills=200, seed=7)
-    figures["seconds"] = round(time.monotonic() - began, 1)
-    report(record_property, "sigkill batch (slow)", figures)
+    report(
+        record_property,
+        title,
+        lambda: kill_batches(cli, db_url, tower_env, tmp_path, kills=kills, seed=seed),
+    )
 
 
 # --- 2. the database server stopped mid-batch ---------------------------------
@@ -351,23 +352,19 @@ def stop_server_mid_batch(tmp_path: Path, *, cycles: int, seed: int) -> dict[str
     }
 
 
+@pytest.mark.parametrize(
+    ("cycles", "seed", "title"),
+    [
+        pytest.param(4, 11, "server stop", id="4-cycles"),
+        pytest.param(20, 12, "server stop (slow)", id="20-cycles", marks=pytest.mark.slow),
+    ],
+)
 def test_server_stopped_mid_batch_exits_8_and_doctor_passes_after_restart(
-    tmp_path: Path, record_property: RecordProperty
+    tmp_path: Path, record_property: RecordProperty, cycles: int, seed: int, title: str
 ) -> None:
-    began = time.monotonic()
-    figures = stop_server_mid_batch(tmp_path, cycles=4, seed=11)
-    figures["seconds"] = round(time.monotonic() - began, 1)
-    report(record_property, "server stop", figures)
-
-
-@pytest.mark.slow
-def test_server_stopped_mid_batch_many_times(
-    tmp_path: Path, record_property: RecordProperty
-) -> None:
-    began = time.monotonic()
-    figures = stop_server_mid_batch(tmp_path, cycles=20, seed=12)
-    figures["seconds"] = round(time.monotonic() - began, 1)
-    report(record_property, "server stop (slow)", figures)
+    report(
+        record_property, title, lambda: stop_server_mid_batch(tmp_path, cycles=cycles, seed=seed)
+    )
 
 
 # --- 3. migrate, SIGKILLed ---------------------------------------------------
@@ -516,20 +513,24 @@ def kill_migrations(
     }
 
 
+@pytest.mark.parametrize(
+    ("tables", "kills", "seed", "title"),
+    [
+        pytest.param(80, 6, 3, "sigkill migrate", id="6-kills"),
+        pytest.param(500, 40, 4, "sigkill migrate (slow)", id="40-kills", marks=pytest.mark.slow),
+    ],
+)
 def test_migrate_sigkilled_at_random_moments_then_finishes_cleanly(
-    empty_db_url: str, tmp_path: Path, record_property: RecordProperty
+    empty_db_url: str,
+    tmp_path: Path,
+    record_property: RecordProperty,
+    tables: int,
+    kills: int,
+    seed: int,
+    title: str,
 ) -> None:
-    began = time.monotonic()
-    figures = kill_migrations(empty_db_url, tmp_path, tables=80, kills=6, seed=3)
-    figures["seconds"] = round(time.monotonic() - began, 1)
-    report(record_property, "sigkill migrate", figures)
-
-
-@pytest.mark.slow
-def test_migrate_sigkilled_many_times_then_finishes_cleanly(
-    empty_db_url: str, tmp_path: Path, record_property: RecordProperty
-) -> None:
-    began = time.monotonic()
-    figures = kill_migrations(empty_db_url, tmp_path, tables=500, kills=40, seed=4)
-    figures["seconds"] = round(time.monotonic() - began, 1)
-    report(record_property, "sigkill migrate (slow)", figures)
+    report(
+        record_property,
+        title,
+        lambda: kill_migrations(empty_db_url, tmp_path, tables=tables, kills=kills, seed=seed),
+    )
