@@ -30,23 +30,11 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from expired_histories import seed_expired  # noqa: E402
+
 TOWERCTL = [sys.executable, "-m", "towerctl"]
-SEED = """
-WITH s AS (
-    INSERT INTO sessions (state, balance_sats, created_at, last_activity_at, expires_at)
-    SELECT 'expired', 0, now() - interval '32 days', now() - interval '31 days',
-           now() - interval '30 days'
-    FROM generate_series(1, %(sessions)s)
-    RETURNING id
-), r AS (
-    INSERT INTO session_requests (session_id, state, agent, completed_at)
-    SELECT s.id, 'complete', 'seed', now() FROM s, generate_series(1, %(requests)s)
-    RETURNING session_id, id
-)
-INSERT INTO session_messages (session_id, role, content, session_request_id, token_count)
-SELECT r.session_id, m.role, repeat(m.role || ' text ', 8), r.id, 20
-FROM r, (VALUES (1, 'user'), (2, 'assistant')) AS m(ord, role)
-ORDER BY r.id, m.ord"""
 
 
 def one_run(server_url: str, messages: int, sessions: int, home: Path) -> dict[str, float]:
@@ -64,7 +52,7 @@ def one_run(server_url: str, messages: int, sessions: int, home: Path) -> dict[s
         subprocess.run([*TOWERCTL, "migrate"], env=env, check=True, capture_output=True)
         with psycopg.connect(url, autocommit=True) as conn:
             started = time.perf_counter()
-            conn.execute(SEED, {"sessions": sessions, "requests": messages // sessions // 2})
+            seed_expired(conn, sessions, messages // sessions // 2, repeat=8, tokens=20)
             seeded = time.perf_counter() - started
             conn.execute("VACUUM ANALYZE")
             conn.execute("CHECKPOINT")
@@ -100,7 +88,6 @@ def main() -> int:
         runs = [one_run(args.database_url, args.messages, args.sessions, home)
                 for _ in range(args.runs)]  # fmt: skip
     else:
-        sys.path.insert(0, str(REPO / "tests"))
         import pgserver  # the tests' own throwaway server (127.0.0.1, password auth)
 
         with pgserver.pg_server() as server:

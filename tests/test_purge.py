@@ -15,32 +15,11 @@ import psycopg
 import pytest
 
 from conftest import CLI, OpenedSession, assert_store_consistent, open_session
+from expired_histories import seed_expired as seed
+from terminal import run_on_pty
 from towerctl.errors import ExitCode
 
 TOWERCTL = [sys.executable, "-m", "towerctl"]
-
-# Sessions expired `ago`, each with `requests` requests of two messages (as a request
-# writes them): consistent for doctor. Returns nothing; the caller counts.
-SEED = """
-WITH s AS (
-    INSERT INTO sessions (state, balance_sats, created_at, last_activity_at, expires_at)
-    SELECT 'expired', 0, now() - %(ago)s::interval - interval '2 days',
-           now() - %(ago)s::interval - interval '1 day', now() - %(ago)s::interval
-    FROM generate_series(1, %(sessions)s)
-    RETURNING id
-), r AS (
-    INSERT INTO session_requests (session_id, state, agent, completed_at)
-    SELECT s.id, 'complete', 'seed', now() FROM s, generate_series(1, %(requests)s)
-    RETURNING session_id, id
-)
-INSERT INTO session_messages (session_id, role, content, session_request_id, token_count)
-SELECT r.session_id, m.role, m.role || ' text of request ' || r.id, r.id, 4
-FROM r, (VALUES (1, 'user'), (2, 'assistant')) AS m(ord, role)
-ORDER BY r.id, m.ord"""
-
-
-def seed(conn: psycopg.Connection, sessions: int, requests: int, ago: str = "30 days") -> None:
-    conn.execute(SEED, {"sessions": sessions, "requests": requests, "ago": ago})
 
 
 def expire(conn: psycopg.Connection, sid: str, ago: str, *, state: str | None = None) -> None:
@@ -267,8 +246,6 @@ def test_purge_next_to_a_live_batch_slows_no_request(
 def test_on_a_terminal_it_asks_and_shows_progress(
     conn: psycopg.Connection, tower_env: dict[str, str]
 ) -> None:
-    from terminal import run_on_pty
-
     seed(conn, sessions=2, requests=10)
     env = {k: v for k, v in (os.environ | tower_env).items() if k != "NO_COLOR"}
     screen = run_on_pty(["session", "purge", "--expired-for", "7d"], env=env, stdin_text="y\n")
