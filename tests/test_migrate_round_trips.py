@@ -112,3 +112,57 @@ def test_lock_taken_falls_back_to_waiting_and_names_the_holder(
     finally:
         conn.close()
     assert os.path.isdir(folder)
+
+
+def test_files_are_queued_one_behind_the_other_one_round_trip_each(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "m"
+    for i in range(1, 6):
+        write(folder, f"000{i}_t{i}.sql", f"CREATE TABLE t{i} (id int);\n")
+    conn = db.connect(empty_db_url)
+    seen: list[str] = []
+    try:
+        migrations.migrate(conn, folder, target=1)
+        # read the ledger (2), is it up to date (1), then one Sync per file
+        applied = syncs_during(conn, lambda: migrations.migrate(conn, folder, notify=seen.append))
+        assert applied == 3 + 4
+        rows = conn.execute("SELECT version FROM tower_schema_migrations ORDER BY 1").fetchall()
+        assert rows == [(1,), (2,), (3,), (4,), (5,)]
+        assert conn.info.transaction_status == pq.TransactionStatus.IDLE
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        conn.close()
+    assert seen == [f"applying 000{i}_t{i}.sql …" for i in range(2, 6)]
+
+
+@pytest.mark.parametrize(
+    ("failing", "words"),
+    [
+        ("CREATE TABLE b (id int);\nSELECT 1 / 0;\n", "line 2: division by zero"),
+        # fails at COMMIT: the queued file's BEGIN no longer meets an aborted transaction,
+        # so only its guard (the file before it committed in this session) holds it back
+        ("CREATE TABLE p (id int PRIMARY KEY);\n"
+         "CREATE TABLE c (p int REFERENCES p DEFERRABLE INITIALLY DEFERRED);\n"
+         "INSERT INTO c VALUES (1);\n", "COMMIT failed"),
+    ],
+)  # fmt: skip
+def test_the_file_queued_behind_a_failed_one_runs_nothing(
+    cli: CLI, empty_db_url: str, tmp_path: Path, failing: str, words: str
+) -> None:
+    folder = tmp_path / "m"
+    write(folder, "0001_a.sql", "CREATE TABLE a (id int);\n")
+    write(folder, "0002_bad.sql", failing)
+    write(folder, "0003_next.sql", "CREATE TABLE queued (id int);\n")
+    result = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
+    assert result.exit_code == ExitCode.MIGRATION, result.stderr
+    assert f"0002_bad.sql, {words}" in result.stderr or f"0002_bad.sql: {words}" in result.stderr
+    assert "nothing of this file was applied" in result.stderr
+    assert "applying 0003_next.sql" not in result.stderr
+    with psycopg.connect(empty_db_url) as c:
+        assert c.execute("SELECT to_regclass('queued'), to_regclass('p')").fetchone() == (
+            None,
+            None,
+        )
+        rows = c.execute("SELECT version FROM tower_schema_migrations").fetchall()
+        assert rows == [(1,)]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import select
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -16,10 +15,8 @@ from towerctl.errors import MigrationError
 from towerctl.migration_files import Migration, tree_checksum
 from towerctl.migration_ledger import (
     DROP_LEASE,
-    FAST_GUARD,
     FAST_PATH_REFUSED,
     INSERT_LEDGER,
-    INSERT_LEDGER_TIMED,
     INVALID_INDEXES,
     LEASE_GRACE_SECONDS,
     LEASE_TAG,
@@ -34,6 +31,7 @@ from towerctl.migration_ledger import (
     take_lock,
     wait_for_lease,
 )
+from towerctl.migration_pipeline import FilePipeline, first_failure
 from towerctl.migration_plan import Step
 
 if TYPE_CHECKING:
@@ -65,18 +63,17 @@ def _failure(conn: psycopg.Connection, step: Step, current: int, error: Exceptio
     return MigrationError(f"{step.migration.filename}, line {line}: {first_line(error)}", hint=hint)
 
 
-def _apply_transactional(
+def _apply_step_by_step(
     conn: psycopg.Connection, step: Step, wait: float, allow_out_of_order: bool,
     notify: Notify | None,
 ) -> float:  # fmt: skip
+    """A transactional file after its pipeline's guard refused (nothing of it ran): wait for
+    the lock or lease (naming the holder), re-check the ledger, then run it."""
     import psycopg
 
     migration = step.migration
     statement_ms = int(statement_lock_timeout() * 1000)
     tree = step.tree_checksum or tree_checksum(migration.sql)
-    fast = _apply_in_one_round_trip(conn, step, statement_ms, tree, allow_out_of_order)
-    if fast is not None:
-        return fast
     while True:
         current = -1
         try:
@@ -103,43 +100,13 @@ def _apply_transactional(
             raise _failure(conn, step, current, error) from None
 
 
-def _apply_in_one_round_trip(
-    conn: psycopg.Connection, step: Step, statement_ms: int, tree: str, allow_out_of_order: bool
-) -> float | None:
-    """The whole transaction (guard, statements, ledger row, COMMIT) sent as one pipeline: one
-    round trip. None when the guard found the lock taken or the ledger changed (nothing ran):
-    the caller then takes the step-by-step path."""
+def _settle(
+    conn: psycopg.Connection, step: Step, results: Sequence[pq.abc.PGresult], failed: int
+) -> None:
+    """After a pipelined file failed at `failed` (and the pipeline is closed): roll back, and
+    return when its guard refused (nothing ran); otherwise raise the file's failure."""
     import psycopg
-    from psycopg import pq
 
-    migration = step.migration
-    guard = (
-        str(int(migration.version)).encode(),
-        b"t" if allow_out_of_order else b"f",
-        str(statement_ms).encode(),
-    )
-    row = (
-        str(int(migration.version)).encode(),
-        migration.name.encode(),
-        migration.checksum.encode(),
-        tree.encode(),
-    )
-    queries: list[tuple[bytes, Sequence[bytes] | None]] = [
-        (b"BEGIN", None),
-        (FAST_GUARD.encode(), guard),
-        *((statement.text.encode(), None) for statement in step.statements),
-        (INSERT_LEDGER_TIMED.encode(), row),
-        (b"COMMIT", None),
-    ]
-    results = _pipeline(conn, queries)
-    # After an error the server skips everything up to the Sync (COMMIT too).
-    failed = next(
-        (i for i, r in enumerate(results) if r.status == pq.ExecStatus.FATAL_ERROR),
-        len(results) if len(results) < len(queries) else -1,
-    )
-    if failed < 0:
-        value = results[-2].get_value(0, 0)
-        return float(value) if value else 0.0
     if conn.broken:  # the connection was lost (exit 8), whatever the last result said
         message = conn.pgconn.get_error_message(conn.info.encoding) or "connection lost"
         raise psycopg.OperationalError(message)
@@ -151,53 +118,19 @@ def _apply_in_one_round_trip(
         error = psycopg.OperationalError("the server sent fewer results than statements")
     _roll_back(conn)
     if failed == 1 and getattr(error, "sqlstate", None) == FAST_PATH_REFUSED:
-        return None
+        return
     current = failed - 2
-    if not 0 <= current < len(step.statements):
+    if current >= len(step.statements):  # the ledger row or COMMIT (a deferred constraint)
+        from towerctl.db import first_line
+
+        what = "COMMIT" if current > len(step.statements) else "recording it in the ledger"
+        raise MigrationError(
+            f"{step.migration.filename}: {what} failed: {first_line(error)}",
+            hint="nothing of this file was applied",
+        )
+    if current < 0:
         raise error
     raise _failure(conn, step, current, error) from None
-
-
-def _pipeline(
-    conn: psycopg.Connection, queries: Sequence[tuple[bytes, Sequence[bytes] | None]]
-) -> list[pq.abc.PGresult]:
-    """Send every query (extended protocol: one statement each, text parameters) and one Sync,
-    then read one result per query: one round trip. Straight on libpq (psycopg's pipeline
-    costs about 0.1 ms of client time per statement); while sending, replies are read too, so
-    neither side waits on a full buffer."""
-    from psycopg import pq
-
-    pgconn = conn.pgconn
-    results: list[pq.abc.PGresult] = []
-    with conn.lock:
-        pgconn.enter_pipeline_mode()
-        try:
-            for query, params in queries:
-                pgconn.send_query_params(query, params)
-            pgconn.pipeline_sync()
-            while pgconn.flush():
-                readable, _, _ = select.select([pgconn.socket], [pgconn.socket], [])
-                if readable:
-                    pgconn.consume_input()
-            idle = False
-            while True:
-                while pgconn.is_busy():
-                    select.select([pgconn.socket], [], [])
-                    pgconn.consume_input()
-                result = pgconn.get_result()
-                if result is None:
-                    if idle or pgconn.status != pq.ConnStatus.OK:  # nothing more will come
-                        return results
-                    idle = True
-                    continue
-                idle = False
-                if result.status == pq.ExecStatus.PIPELINE_SYNC:
-                    return results
-                results.append(result)
-        finally:
-            if pgconn.status == pq.ConnStatus.OK and pgconn.pipeline_status:
-                with contextlib.suppress(Exception):  # the error being raised says more
-                    pgconn.exit_pipeline_mode()
 
 
 def _roll_back(conn: psycopg.Connection) -> None:
@@ -300,20 +233,69 @@ def apply(
 ) -> list[Migration]:
     """Apply every step in order, stopping at the first failure; a step another runner
     applied meanwhile is skipped. Statements wait at most `statement_lock_timeout()` for a
-    table lock; the guard waits at most `lock_timeout`."""
+    table lock; the guard waits at most `lock_timeout`.
+
+    A transactional file is sent as one pipeline, and the next transactional file is queued
+    behind it (see `migration_pipeline`); each file is named when the server starts it: before
+    it is sent, or, when it was queued, as soon as the file before it is applied."""
     check_wait(lock_timeout)
+    pipe = FilePipeline(conn, int(statement_lock_timeout() * 1000), allow_out_of_order)
     done: list[Migration] = []
-    for step in steps:
-        if notify:
-            notify(f"applying {step.migration.filename} …")
-        run = _apply_transactional if step.migration.transactional else _apply_without_transaction
+    queued = False  # steps[index] was sent behind the file before it
+    for index, step in enumerate(steps):
+        name = step.migration.filename
+        if notify and not queued:
+            notify(f"applying {name} …")
+        following = steps[index + 1] if index + 1 < len(steps) else None
+        if following is not None and not following.migration.transactional:
+            following = None
         try:
-            elapsed = run(conn, step, lock_timeout, allow_out_of_order, notify)
+            if not step.migration.transactional:
+                elapsed = _apply_without_transaction(
+                    conn, step, lock_timeout, allow_out_of_order, notify
+                )
+                queued = False
+            else:
+                if not queued:
+                    pipe.send(step)
+                if following is not None:
+                    pipe.send(following, after=step)
+                results = pipe.receive()
+                failed = first_failure(results, len(step.statements) + 4)
+                if failed < 0:
+                    value = results[-2].get_value(0, 0)
+                    elapsed = float(value) if value else 0.0
+                    queued = following is not None
+                else:
+                    queued = False
+                    if following is not None:
+                        _drain(pipe, following)
+                    _settle(conn, step, results, failed)  # returns when nothing of it ran
+                    elapsed = _apply_step_by_step(
+                        conn, step, lock_timeout, allow_out_of_order, notify
+                    )
         except Skipped:
             if notify:
-                notify(f"{step.migration.filename} was applied by another runner meanwhile")
+                notify(f"{name} was applied by another runner meanwhile")
             continue
+        except BaseException:
+            pipe.close()
+            raise
         done.append(step.migration)
         if on_applied:
             on_applied(step.migration, elapsed)
+        if notify and queued and following is not None:
+            notify(f"applying {following.migration.filename} …")
     return done
+
+
+def _drain(pipe: FilePipeline, queued: Step) -> None:
+    """Read the results of the file queued behind one that failed: it ran nothing (its BEGIN
+    met the aborted transaction, or its guard refused) unless the connection was lost."""
+    results = pipe.receive()
+    failed = first_failure(results, len(queued.statements) + 4)
+    if failed > 1 and not pipe.conn.broken:
+        raise MigrationError(
+            f"{queued.migration.filename} ran behind a file that failed",  # the guard prevents it
+            hint="run towerctl migrate --dry-run, then towerctl migrate status",
+        )

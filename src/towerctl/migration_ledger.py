@@ -63,7 +63,7 @@ LEDGER_READY = f"""
 SELECT to_regclass('{LEASE_TABLE}') IS NOT NULL AND to_regclass('{REPAIRS_TABLE}') IS NOT NULL
    AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('{LEDGER_TABLE}')
                AND attname = 'tree_checksum' AND NOT attisdropped)
-   AND to_regprocedure('{GUARD_FUNCTION}(bigint,boolean,integer)') IS NOT NULL,
+   AND to_regprocedure('{GUARD_FUNCTION}(bigint,boolean,integer,text)') IS NOT NULL,
        pg_is_in_recovery()"""
 INVALID_INDEXES = """
 SELECT i.indexrelid::regclass FROM pg_index i
@@ -99,13 +99,17 @@ SELECT (SELECT checksum FROM {LEDGER_TABLE} WHERE version = %s),
 FAST_PATH_REFUSED = "TWSLO"
 CREATE_GUARD = f"""
 CREATE OR REPLACE FUNCTION {GUARD_FUNCTION}(file_version bigint, out_of_order boolean,
-                                           lock_ms integer)
+                                           lock_ms integer, after text)
 RETURNS void LANGUAGE plpgsql AS $towerctl$
 DECLARE
     applied text;
     highest bigint;
     leased text;
 BEGIN
+    IF after IS NOT NULL AND current_setting('towerctl.committed', true) IS DISTINCT FROM after
+    THEN
+        RAISE EXCEPTION 'previous file not committed' USING ERRCODE = '{FAST_PATH_REFUSED}';
+    END IF;
     IF NOT pg_try_advisory_xact_lock({LOCK_KEY}) THEN
         RAISE EXCEPTION 'migration lock taken' USING ERRCODE = '{FAST_PATH_REFUSED}';
     END IF;
@@ -120,15 +124,17 @@ BEGIN
     PERFORM set_config('lock_timeout', lock_ms || 'ms', true);
 END
 $towerctl$"""
-FAST_GUARD = f"SELECT {GUARD_FUNCTION}($1, $2, $3)"
-# The ledger row of a file run by the fast path, its time measured by the server.
+FAST_GUARD = f"SELECT {GUARD_FUNCTION}($1, $2, $3, $4)"
+# The ledger row of a file run by the fast path, its time measured by the server. It also
+# marks the session (undone if the transaction does not commit) so that the file queued
+# behind this one (whose guard names the mark in `after`) runs only when this one committed.
 INSERT_LEDGER_TIMED = f"""
 INSERT INTO {LEDGER_TABLE} (version, name, checksum, execution_ms, baseline, tree_checksum)
 VALUES ($1, $2, $3,
         (extract(epoch FROM clock_timestamp())
          - current_setting('towerctl.started')::numeric) * 1000,
         false, $4)
-RETURNING execution_ms"""
+RETURNING execution_ms, set_config('towerctl.committed', $5, false)"""
 TAKE_LEASE = f"""
 INSERT INTO {LEASE_TABLE} (token, version, file, owner, application_name, deadline)
 VALUES (%s, %s, %s, %s, current_setting('application_name'),
