@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -151,7 +150,7 @@ def _apply_without_transaction(
     import psycopg
 
     migration = step.migration
-    token = secrets.token_hex(12)
+    token = os.urandom(12).hex()  # os.urandom is what secrets uses
     owner = f"pid {os.getpid()} on {socket.gethostname()}"
     while True:
         wait_for_lease(conn, wait, notify)

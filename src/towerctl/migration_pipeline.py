@@ -14,7 +14,7 @@ sending, replies are read too, so neither side waits on a full buffer.
 from __future__ import annotations
 
 import contextlib
-import secrets
+import os
 import select
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -35,7 +35,7 @@ class FilePipeline:
         self.pgconn = conn.pgconn
         self.statement_ms = str(statement_ms).encode()
         self.out_of_order = b"t" if allow_out_of_order else b"f"
-        self.run = secrets.token_hex(8)  # the session mark names this run and the file
+        self.run = os.urandom(8).hex()  # the session mark names this run and the file
         self.in_flight = 0
 
     def mark(self, step: Step) -> bytes:
