@@ -8,7 +8,9 @@ One PostgreSQL server of its own on 127.0.0.1 (tests/pgserver.py: password auth,
 fsync off) and one PgBouncer in front of it. Each measured run gets a fresh copy of
 a migrated template database holding one session with `--history` earlier requests
 (two messages each). towerctl and pgbench run alternately after one warm-up each;
-the table gives the median wall time per request and the ratio of throughputs.
+the table gives the median wall time per request and the ratio of throughputs, and
+towerctl's fixed start-up (a batch of one line: interpreter, imports, connection,
+macaroon check), which the per-request figure includes (spread over the batch).
 `--profile` runs one towerctl batch under cProfile and prints where the time goes.
 """
 
@@ -134,6 +136,8 @@ def main() -> None:
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"towerctl-batch-bench-{os.getpid()}"
     work.mkdir()
     feed = work / "feed.ndjson"
+    one = work / "one.ndjson"
+    one.write_text(json.dumps({"message": batch_message(1)}) + "\n")
     feed.write_text(
         "".join(
             json.dumps({"message": batch_message(i)}) + "\n" for i in range(1, args.requests + 1)
@@ -152,22 +156,28 @@ def main() -> None:
             bench.towerctl(feed, args.history, pooled=False, profile=True)
             return
         rows = []
+        before = " ".join(map(str, os.getloadavg()))
         for pooled in (False, True):
             where = "PgBouncer (transaction)" if pooled else "direct"
             bench.towerctl(feed, args.history, pooled)  # warm-ups
             bench.pgbench(args.requests, args.history, pooled, work)
-            tower, pgb = [], []
+            tower, pgb, start = [], [], []
             for _ in range(args.reps):
                 tower.append(bench.towerctl(feed, args.history, pooled))
                 pgb.append(bench.pgbench(args.requests, args.history, pooled, work))
+                start.append(bench.towerctl(one, args.history, pooled))
             t, p = statistics.median(tower), statistics.median(pgb)
-            rows.append((where, t, p))
+            rows.append((where, t, p, statistics.median(start)))
         print(f"{args.requests} echo requests, session with {args.history} earlier requests")
-        print("| connection | towerctl ms/request | pgbench ms/request | throughput ratio |")
-        print("|---|---:|---:|---:|")
-        for where, t, p in rows:
+        print(f"load average before and after: {before} / {' '.join(map(str, os.getloadavg()))}")
+        print(
+            "| connection | towerctl ms/request | pgbench ms/request | throughput ratio "
+            "| towerctl start-up s (1-line batch) |"
+        )
+        print("|---|---:|---:|---:|---:|")
+        for where, t, p, s in rows:
             n = args.requests
-            print(f"| {where} | {1000 * t / n:.2f} | {1000 * p / n:.2f} | {p / t:.2f}x |")
+            print(f"| {where} | {1000 * t / n:.2f} | {1000 * p / n:.2f} | {p / t:.2f}x | {s:.2f} |")
 
 
 if __name__ == "__main__":

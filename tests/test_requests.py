@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from agents_fixtures import exec_agent, openai_server
-from conftest import CLI, OpenedSession, assert_store_consistent, open_session
+from conftest import CLI, OpenedSession, assert_store_consistent, direct, open_session
 from towerctl.config import Pricing, RequestLimits
 from towerctl.errors import ExitCode
 from towerctl.request_rules import context_window, cost_sats, tokens
@@ -540,3 +546,138 @@ def test_batch_line_with_invalid_utf8_exits_2_with_its_number(cli: CLI, db_url: 
     assert result.exit_code == ExitCode.BAD_INPUT
     assert "line 2" in result.stderr and "UTF-8" in result.stderr
     assert counts(db_url)[0] == 1
+
+
+# --- a batch keeps its lease between lines (migration 0012) ------------------------------
+
+TOWERCTL = [sys.executable, "-m", "towerctl"]
+
+
+def lease_columns(url: str, session_id: str) -> tuple[object, ...]:
+    with psycopg.connect(direct(url), autocommit=True) as c:
+        row = c.execute(
+            "SELECT lease_owner, lease_until FROM sessions WHERE id = %s", (session_id,)
+        ).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+def spawn_batch(s: OpenedSession, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*TOWERCTL, "session", "request", s.id, "--batch", "--macaroon", s.macaroon],
+        env={**os.environ, **env},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_gives_its_kept_lease_back_however_it_ends(
+    cli: CLI, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = open_session(cli, 10_000)
+    done = request(cli, s, "--batch", input='{"message": "one"}\n{"message": "two"}\n')
+    assert done.exit_code == ExitCode.OK, done.stderr
+    assert lease_columns(db_url, s.id) == (None, None)
+    stopped = request(cli, s, "--batch", input='{"message": "three"}\n{not json\n')
+    assert stopped.exit_code == ExitCode.BAD_INPUT
+    assert lease_columns(db_url, s.id) == (None, None)
+    # ...so a request right after it is served at once, with no busy wait at all
+    monkeypatch.setenv("TOWER_BUSY_WAIT", "0")
+    after = request(cli, s, "now")
+    assert after.exit_code == ExitCode.OK, after.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_waiter_is_served_between_the_lines_of_a_batch_that_never_pauses(
+    cli: CLI, db_url: str, tower_env: dict[str, str]
+) -> None:
+    """The batch keeps its lease from line to line, but not when another request has asked
+    for it: the waiter is served while the batch is still being fed, not after it."""
+    s = open_session(cli, 100_000_000)
+    batch = spawn_batch(s, tower_env)
+    assert batch.stdin is not None and batch.stdout is not None
+    stop = threading.Event()
+    answered: list[int] = []
+
+    def feed() -> None:
+        assert batch.stdin is not None
+        n = 0
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            while not stop.is_set():
+                chunk = "".join(json.dumps({"message": f"batch {n + i}"}) + "\n" for i in range(20))
+                n += 20
+                batch.stdin.write(chunk)
+                batch.stdin.flush()
+            batch.stdin.close()
+
+    def read() -> None:
+        assert batch.stdout is not None
+        for line in batch.stdout:
+            answered.append(json.loads(line)["requestId"])
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (feed, read)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until = time.monotonic() + 30
+        while not answered and time.monotonic() < wait_until:  # the batch runs
+            time.sleep(0.05)
+        assert answered, "the batch answered nothing"
+        waiter = subprocess.run(
+            [*TOWERCTL, "session", "request", s.id, "waiter", "--json", "--macaroon", s.macaroon],
+            env={**os.environ, **tower_env, "TOWER_BUSY_WAIT": "20"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert batch.poll() is None, "the batch was still being fed"
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        batch.stdin = None  # closed by the feeder
+        _out, err = batch.communicate(timeout=60)
+    assert waiter.returncode == ExitCode.OK, waiter.stderr
+    assert batch.returncode == ExitCode.OK, err
+    served = json.loads(waiter.stdout)["requestId"]
+    assert max(answered) > served  # batch lines ran after the waiter's request
+    assert lease_columns(db_url, s.id) == (None, None)
+    assert_store_consistent(db_url)
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_idle_past_its_kept_lease_takes_the_session_again(
+    cli: CLI, db_url: str, tower_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that waits on its input longer than the lease it kept does not trust it:
+    another request may have run meanwhile, so it takes the lease (and history) again."""
+    s = open_session(cli, 100_000)
+    batch = spawn_batch(s, tower_env)
+    assert batch.stdin is not None and batch.stdout is not None
+    try:
+        batch.stdin.write('{"message": "first"}\n')
+        batch.stdin.flush()
+        assert json.loads(batch.stdout.readline())["state"] == "complete"
+        # The batch now idles holding a kept lease (echo: 5 s); this request waits it out.
+        monkeypatch.setenv("TOWER_BUSY_WAIT", "30")
+        between = request(cli, s, "between")
+        assert between.exit_code == ExitCode.OK, between.stderr
+        batch.stdin.write('{"message": "second"}\n')
+        batch.stdin.close()
+        batch.stdin = None
+        second = json.loads(batch.stdout.readline())
+    finally:
+        _out, err = batch.communicate(timeout=60)
+    assert batch.returncode == ExitCode.OK, err
+    assert second["state"] == "complete" and second["requestId"] is not None, second
+    # its context held the request that ran between (the history was read again)
+    assert second["inputTokens"] == sum(tokens(t) for t in ["first"] * 2 + ["between"] * 2) + 2
+    assert [m[1] for m in messages(db_url, s.id)] == ["first"] * 2 + ["between"] * 2 + [
+        "second"
+    ] * 2
+    assert lease_columns(db_url, s.id) == (None, None)
+    assert_store_consistent(db_url)

@@ -1,8 +1,11 @@
 """A batch of session requests: NDJSON in, one outcome line per request out, in order.
 
-Each line is one request (`session_requests.run_request`), each with its own lease
-on the session, so other clients' requests interleave with a long batch rather
-than wait for all of it.
+Each line is one request (`session_requests.run_request`) under the session's lease.
+A line's write may keep the lease for the next line, with what that line needs (so a
+request costs one round trip, not two); it does not when another client waits for
+the session (that client has asked for the lease, `lease`), so other clients'
+requests interleave with a long batch rather than wait for all of it. The batch gives
+a kept lease back when it ends, however it ends; a killed batch's runs out.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from towerctl import bounds
 from towerctl.agents import Agent
 from towerctl.config import Pricing, RequestLimits
 from towerctl.errors import BadInput, ExitCode, NotServed, WriteFailed, error_for
-from towerctl.session_requests import run_request, unrecorded_refusal
+from towerctl.lease import SessionLease, hold_seconds
+from towerctl.session_requests import RequestChain, run_request, unrecorded_refusal
 
 if TYPE_CHECKING:
     import psycopg
@@ -111,6 +115,27 @@ def run_batch(
     """
     pricing = pricing or Pricing()
     limits = limits or RequestLimits()
+    chain = RequestChain(
+        SessionLease(
+            conn,
+            session_id,
+            hold_seconds=hold_seconds(agent.name, limits.agent_timeout_seconds),
+            wait_seconds=limits.busy_wait_seconds,
+        )
+    )
+    with chain.lease:
+        return _run(chain, lines, agent, emit, reader_gone, pricing, limits)
+
+
+def _run(
+    chain: RequestChain,
+    lines: Iterable[bytes],
+    agent: Agent,
+    emit: Callable[[dict[str, Any]], None],
+    reader_gone: Callable[[], bool],
+    pricing: Pricing,
+    limits: RequestLimits,
+) -> BatchSummary:
     summary = BatchSummary()
     numbered = enumerate(lines, start=1)
     number = 0
@@ -129,7 +154,7 @@ def run_batch(
                 continue
             if reader_gone():  # nobody would read this outcome: do not run it
                 raise _output_lost(summary, "the reader of the output went away", in_flight=False)
-            doc, state = _serve(conn, session_id, item, agent, pricing, limits)
+            doc, state = _serve(chain, item, agent, pricing, limits)
         except BadInput as error:
             raise _stopped(summary, number, str(error)) from None
         summary.counts[state] += 1
@@ -145,22 +170,23 @@ def run_batch(
 
 
 def _serve(
-    conn: psycopg.Connection,
-    session_id: UUID,
+    chain: RequestChain,
     item: BatchItem,
     agent: Agent,
     pricing: Pricing,
     limits: RequestLimits,
 ) -> tuple[dict[str, Any], str]:
+    session_id = chain.lease.session_id
     try:
         outcome = run_request(
-            conn,
+            chain.lease.conn,
             session_id,
             item.message,
             agent,
             idempotency_key=item.idempotency_key,
             pricing=pricing,
             limits=limits,
+            chain=chain,
         )
     except NotServed as refused:  # not recorded: paused, expired, busy
         return unrecorded_refusal(session_id, str(refused)), "rejected"

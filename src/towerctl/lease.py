@@ -43,21 +43,37 @@ T = TypeVar("T")
 MARGIN_SECONDS = 5.0  # beyond the agent's deadline: reading, writing, starting the agent
 FIRST_BACKOFF = 0.01
 MAX_BACKOFF = 0.25
+# How long a waiter's ask for the lease stands (longer than its longest pause between tries).
+WANT_SECONDS = 1.0
+# A kept lease is used without asking the server only while this much of it is left.
+KEPT_MARGIN_SECONDS = 1.0
 
 # The state as a reader sees it (expired once its time has come), the balance.
 TAKE = """
 UPDATE sessions
-SET lease_owner = %(me)s, lease_until = now() + make_interval(secs => %(hold)s)
+SET lease_owner = %(me)s, lease_until = now() + make_interval(secs => %(hold)s),
+    lease_wanted_by = NULL, lease_wanted_until = NULL
 WHERE id = %(sid)s AND (lease_until IS NULL OR lease_until < now())
+  AND (lease_wanted_until IS NULL OR lease_wanted_until < now() OR lease_wanted_by = %(me)s)
 RETURNING CASE WHEN state <> 'expired' AND expires_at <= now() THEN 'expired' ELSE state END,
           balance_sats"""
-# Why a take failed: no such session, or how long the holder's lease still runs.
+# Why a take failed: no such session, or how long the holder's lease still runs; and
+# the waiter's ask to have the lease next, unless another waiter asked first.
 # (The comment lets a test see a waiter in pg_stat_activity.)
 WAITING = "/* towerctl: waiting for the session lease */"
 HOLDER = (
     WAITING
     + """
-SELECT greatest(extract(epoch FROM lease_until - now()), 0)::float8
+WITH ask AS (
+    UPDATE sessions
+    SET lease_wanted_by = %(me)s, lease_wanted_until = now() + make_interval(secs => %(want)s)
+    WHERE id = %(sid)s AND %(want)s > 0
+      AND (lease_wanted_until IS NULL OR lease_wanted_until < now() OR lease_wanted_by = %(me)s)
+)
+SELECT greatest(coalesce(extract(epoch FROM lease_until - now()), 0),
+                CASE WHEN lease_wanted_by <> %(me)s
+                     THEN coalesce(extract(epoch FROM lease_wanted_until - now()), 0) END,
+                0)::float8
 FROM sessions WHERE id = %(sid)s"""
 )
 RELEASE = """
@@ -93,6 +109,7 @@ class SessionLease(Generic[T]):
         self.hold_seconds = hold_seconds
         self.wait_seconds = wait_seconds
         self.held = False
+        self.kept_until = 0.0
 
     @property
     def params(self) -> dict[str, Any]:
@@ -113,7 +130,7 @@ class SessionLease(Generic[T]):
             if row is not None:
                 self.held = True
                 return row, extra
-            holder = self.conn.execute(HOLDER, self.params).fetchone()
+            holder = self.conn.execute(HOLDER, self.params | self._want(deadline)).fetchone()
             if holder is None:
                 raise NotFound(f"no session {self.session_id}")
             backoff = self._wait(deadline, backoff, float(holder[0]))
@@ -130,14 +147,20 @@ class SessionLease(Generic[T]):
         backoff = FIRST_BACKOFF
         sql = query
         while True:
-            row = self.conn.execute(sql, params).fetchone()
+            sent = time.monotonic()
+            row = self.conn.execute(sql, {**params, **self._want(deadline)}).fetchone()
             if row is None:
                 raise NotFound(f"no session {self.session_id}")
             if row[0] != "busy":
                 self.held = row[0] == "held"
+                self.kept_until = sent + self.hold_seconds - KEPT_MARGIN_SECONDS
                 return tuple(row)
             backoff = self._wait(deadline, backoff, float(row[1]))
             sql = WAITING + query
+
+    def _want(self, deadline: float) -> dict[str, float]:
+        """How long to ask for the lease next when it is busy: only if we will wait."""
+        return {"want": WANT_SECONDS if deadline > time.monotonic() else 0.0}
 
     def _wait(self, deadline: float, backoff: float, holder_left: float) -> float:
         """Sleep before the next try (no longer than the holder's lease has left, nor
@@ -154,6 +177,17 @@ class SessionLease(Generic[T]):
     def released(self) -> None:
         """The final write released the lease (or found it lost): nothing left to do."""
         self.held = False
+
+    def kept(self, sent: float) -> None:
+        """The final write, sent at monotonic time `sent`, kept the lease for another
+        `hold_seconds` (a batch's next request starts without taking it)."""
+        self.held = True
+        self.kept_until = sent + self.hold_seconds - KEPT_MARGIN_SECONDS
+
+    def still_kept(self) -> bool:
+        """True while a kept lease is surely still ours: the server's deadline counts from
+        after `sent` (our clock), less a margin; past it, take it again (`take_by`)."""
+        return self.held and time.monotonic() < self.kept_until
 
     def release(self) -> None:
         """Give the lease back (only ours: a lease that ran out and was taken stays)."""

@@ -16,6 +16,8 @@ writes nothing when the lease was lost. No transaction is open while the agent r
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,17 +46,41 @@ if TYPE_CHECKING:
 # (outcome, seconds the holder still has, state, balance, the last messages newest first
 # as three arrays, then the first outcome of the idempotency key if it was used).
 TAKE = """
-SELECT * FROM towerctl_take_request(
-    %(sid)s::uuid, %(me)s::uuid, %(hold)s::float8, %(key)s::text, %(context)s::integer)"""
-# The outcome's write (migration 0011: one plpgsql function, so the server keeps its
-# plan per connection): the request row, the debit, the balance and both messages, and
-# the lease given back, only while this request holds the lease; no row otherwise.
+SELECT * FROM towerctl_take_request(%(sid)s::uuid, %(me)s::uuid, %(hold)s::float8,
+    %(key)s::text, %(context)s::integer, %(want)s::float8)"""
+# The outcome's write (migration 0012, after 0011's): the request row, the debit, the
+# balance and both messages, only while this request holds the lease (no row otherwise);
+# the lease given back, or, in a batch (renew), kept for the next request with the
+# state and history it needs: (id, debited, balance after, state, kept, three arrays).
 RECORD = """
-SELECT * FROM towerctl_record_request(
+SELECT * FROM towerctl_write_request(
     %(sid)s::uuid, %(me)s::uuid, %(state)s::text, %(agent)s::text, %(reason)s::text,
     %(error)s::text, %(in)s::integer, %(out)s::integer, %(cost)s::bigint, %(key)s::text,
     %(digest)s::text, %(pause)s::boolean, %(floor)s::bigint, %(user)s::text,
-    %(user_tokens)s::integer, %(reply)s::text, %(reply_tokens)s::integer)"""
+    %(user_tokens)s::integer, %(reply)s::text, %(reply_tokens)s::integer,
+    %(renew)s::float8, %(context)s::integer)"""
+
+History = list[tuple[str, str, int]]  # (role, content, tokens), newest first
+
+
+def _history(roles: list[str] | None, contents: list[str], counts: list[int]) -> History:
+    return list(zip(roles, contents, counts, strict=True)) if roles else []
+
+
+class RequestChain:
+    """The requests of one batch on one session: one lease owner throughout, and a write
+    may keep the lease for the next request together with what it needs (state,
+    balance, history), so that request starts without a round trip. A kept lease is
+    given back when the chain ends (`with chain.lease:`), or runs out on its own."""
+
+    def __init__(self, lease: SessionLease[None]) -> None:
+        self.lease = lease
+        self.next_start: tuple[str, int, History] | None = None
+
+    def kept_start(self) -> tuple[str, int, History] | None:
+        """What the previous write read for this request, while its lease is surely ours."""
+        start, self.next_start = self.next_start, None
+        return start if start is not None and self.lease.still_kept() else None
 
 
 @dataclass(frozen=True)
@@ -155,8 +181,11 @@ def _record(
     cost: int,
     pause: bool,
     pricing: Pricing,
+    context: int,
+    chain: RequestChain | None,
 ) -> RequestOutcome:
-    """Write the outcome and release the lease, in one statement; nothing when it was lost."""
+    """Write the outcome and release (or, in a chain, keep) the lease, in one statement;
+    nothing when it was lost."""
     session_id = lease.session_id
     reason = reply.text if reply.state == "rejected" else None
     error = reply.text if reply.state == "failed" else None
@@ -176,10 +205,13 @@ def _record(
         "user_tokens": tokens(message),
         "reply": reply.text,
         "reply_tokens": tokens(reply.text),
+        "renew": lease.hold_seconds if chain is not None else None,
+        "context": context,
     }
+    sent = time.monotonic()
     row = conn.execute(RECORD, params).fetchone()
-    lease.released()  # by the statement above, or lost to another request
     if row is None:
+        lease.released()  # lost to another request
         if conn.execute(GONE, (session_id,)).fetchone() is None:
             raise NotServed(f"session {session_id} is gone")
         raise LeaseLost(
@@ -188,7 +220,12 @@ def _record(
             "or charged",
             hint=f"the lease lasts the agent deadline + {MARGIN_SECONDS:g}s; retry",
         )
-    rid, debited, balance_after, _state = row
+    rid, debited, balance_after, state, kept, roles, contents, counts = row
+    if kept and chain is not None:
+        lease.kept(sent)
+        chain.next_start = (state, balance_after, _history(roles, contents, counts))
+    else:
+        lease.released()  # by the statement above
     return RequestOutcome(
         request_id=rid,
         session_id=session_id,
@@ -212,65 +249,103 @@ def run_request(
     idempotency_key: str | None = None,
     pricing: Pricing | None = None,
     limits: RequestLimits | None = None,
+    chain: RequestChain | None = None,
 ) -> RequestOutcome:
-    """Serve one request on a session (the caller has authorised it)."""
+    """Serve one request on a session (the caller has authorised it); `chain`: one of a
+    batch's (the lease may be kept for the next, and is then the batch's to give back)."""
     pricing = pricing or Pricing()
     limits = limits or RequestLimits()
     validate_message(message, limits)
     key = validate_idempotency_key(idempotency_key)
-    lease: SessionLease[None] = SessionLease(
-        conn,
-        session_id,
-        hold_seconds=hold_seconds(agent.name, limits.agent_timeout_seconds),
-        wait_seconds=limits.busy_wait_seconds,
+    lease: SessionLease[None] = (
+        chain.lease
+        if chain is not None
+        else SessionLease(
+            conn,
+            session_id,
+            hold_seconds=hold_seconds(agent.name, limits.agent_timeout_seconds),
+            wait_seconds=limits.busy_wait_seconds,
+        )
     )
-    with lease:
-        row = lease.take_by(TAKE, lease.params | {"key": key, "context": limits.context_messages})
-        _outcome, _left, state, balance, roles, contents, counts, *replayed = row
-        earlier = _replay(session_id, message, key, replayed) if key else None
-        if earlier is not None:
-            return earlier
+    # A key must be looked up under the lease: such a request always asks the server.
+    start = chain.kept_start() if chain is not None and key is None else None
+    try:
+        if start is not None:
+            state, balance, recent = start
+        else:
+            params = lease.params | {"key": key, "context": limits.context_messages}
+            row = lease.take_by(TAKE, params)
+            _outcome, _left, state, balance, roles, contents, counts, *replayed = row
+            earlier = _replay(session_id, message, key, replayed) if key else None
+            if earlier is not None:
+                return earlier
+            recent = _history(roles, contents, counts)
         if state in ("expired", "awaiting_payment"):
             raise NotServed(f"session {session_id} is {state.replace('_', ' ')}")
         if state == "paused":
             raise NotServed(f"session {session_id} is paused", hint="top it up to resume")
-        recent = list(zip(roles, contents, counts, strict=True)) if roles else []
-        context = context_window(recent, limits)
-        conversation = [*context, ChatMessage("user", message)]
-        input_tokens = sum(tokens(m.content) for m in conversation)
-        minimum = cost_sats(pricing, input_tokens, 0)
-        if minimum > balance:
-            reason = (
-                f"insufficient balance: this request costs at least {minimum} sats "
-                f"and the session holds {balance}"
-            )
-            return _record(
-                conn,
-                lease,
-                message,
-                AgentReply("rejected", reason),
-                input_tokens=input_tokens,
-                output_tokens=0,
-                cost=0,
-                pause=True,
-                agent=agent.name,
-                key=key,
-                pricing=pricing,
-            )
-        reply = bounded_reply(agent.answer(str(session_id), conversation), limits)
-        estimate = tokens(reply.text) if reply.state == "complete" else 0
-        input_tokens = plausible(reply.input_tokens, input_tokens)
-        output_tokens = plausible(reply.output_tokens, estimate)
+        return _serve(
+            conn, lease, message, agent, key, state, balance, recent, pricing, limits, chain
+        )
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            lease.release()  # the lease runs out on its own if this fails
+        raise
+
+
+def _serve(
+    conn: psycopg.Connection,
+    lease: SessionLease[None],
+    message: str,
+    agent: Agent,
+    key: str | None,
+    state: str,
+    balance: int,
+    recent: History,
+    pricing: Pricing,
+    limits: RequestLimits,
+    chain: RequestChain | None,
+) -> RequestOutcome:
+    """The context, the minimum-cost check, the agent and the write, under the lease."""
+    context = context_window(recent, limits)
+    conversation = [*context, ChatMessage("user", message)]
+    input_tokens = sum(tokens(m.content) for m in conversation)
+    minimum = cost_sats(pricing, input_tokens, 0)
+    common: dict[str, Any] = {
+        "agent": agent.name,
+        "key": key,
+        "pricing": pricing,
+        "context": limits.context_messages,
+        "chain": chain,
+    }
+    if minimum > balance:
+        reason = (
+            f"insufficient balance: this request costs at least {minimum} sats "
+            f"and the session holds {balance}"
+        )
         return _record(
             conn,
             lease,
             message,
-            reply,
+            AgentReply("rejected", reason),
             input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost=cost_sats(pricing, input_tokens, output_tokens),
-            pause=False,
-            agent=agent.name,
-            key=key,
-            pricing=pricing,
+            output_tokens=0,
+            cost=0,
+            pause=True,
+            **common,
         )
+    reply = bounded_reply(agent.answer(str(lease.session_id), conversation), limits)
+    estimate = tokens(reply.text) if reply.state == "complete" else 0
+    input_tokens = plausible(reply.input_tokens, input_tokens)
+    output_tokens = plausible(reply.output_tokens, estimate)
+    return _record(
+        conn,
+        lease,
+        message,
+        reply,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost=cost_sats(pricing, input_tokens, output_tokens),
+        pause=False,
+        **common,
+    )
