@@ -19,6 +19,7 @@ import select
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from towerctl.migration_files import tree_checksum
 from towerctl.migration_ledger import FAST_GUARD, INSERT_LEDGER_TIMED
 from towerctl.migration_plan import Step
 
@@ -35,6 +36,7 @@ class FilePipeline:
         self.pgconn = conn.pgconn
         self.statement_ms = str(statement_ms).encode()
         self.out_of_order = b"t" if allow_out_of_order else b"f"
+        self.encoding = conn.info.encoding  # the connection's, as psycopg would encode
         self.run = os.urandom(8).hex()  # the session mark names this run and the file
         self.in_flight = 0
 
@@ -52,15 +54,15 @@ class FilePipeline:
         )
         row = (
             version,
-            migration.name.encode(),
+            migration.name.encode(self.encoding),
             migration.checksum.encode(),
-            (step.tree_checksum or "").encode(),
+            (step.tree_checksum or tree_checksum(migration.sql)).encode(),
             self.mark(step),
         )
         return [
             (b"BEGIN", None),
             (FAST_GUARD.encode(), guard),
-            *((statement.text.encode(), None) for statement in step.statements),
+            *((statement.text.encode(self.encoding), None) for statement in step.statements),
             (INSERT_LEDGER_TIMED.encode(), row),
             (b"COMMIT", None),
         ]

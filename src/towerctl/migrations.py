@@ -10,7 +10,8 @@ PgBouncer and frees itself when a runner dies:
 
 - a transactional file runs in one transaction that first takes
   `pg_advisory_xact_lock(LOCK_KEY)` (waiting at most the lock timeout), then
-  re-reads the ledger for its version, runs the file, and inserts its ledger row;
+  re-reads the ledger for its version, runs the file, and inserts its ledger row
+  (sent as one pipeline, with the next file queued behind it: `migration_pipeline`);
 - a no-transaction file first takes a *lease*: a row in `LEASE_TABLE` written by a
   short transaction under the same lock. Other runners wait for it outside any
   transaction (polling with backoff), so they never hold a snapshot that the
