@@ -22,6 +22,12 @@ Every clock reading is the server's `now()`, never the client's.
 - A second request polls with backoff for at most the busy wait
   (`TOWER_BUSY_WAIT`; 0 refuses at once) and is then refused as busy (exit 5),
   having written nothing.
+- A batch's write may keep the lease for its next line (migration 0012); the
+  batch trusts a kept lease only while `hold - KEPT_MARGIN_SECONDS` of it surely
+  remain by its own clock (counted from before the write was sent), and takes it
+  again otherwise. A waiter that will wait asks for the lease next
+  (`lease_wanted_by/_until`, `WANT_SECONDS`): while the ask stands, no write keeps
+  the lease and nobody else takes it, so a batch never starves other clients.
 """
 
 from __future__ import annotations

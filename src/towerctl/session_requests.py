@@ -1,6 +1,6 @@
 """One session request: validate, take the session's lease, build the context, call
 the agent, then write the request row, the debit, the balance and both messages,
-and give the lease back, in ONE statement.
+and give the lease back, in ONE transaction (one function call).
 
 Money rules (SPEC 6, formulas in `request_rules`):
 - a request whose minimum cost (no output) exceeds the balance is `rejected`,
@@ -9,9 +9,13 @@ Money rules (SPEC 6, formulas in `request_rules`):
   with less than `eval fee + 1` sat is paused; rejected and failed debit nothing.
 
 At most one request per session is in flight: the session row's lease (`lease`)
-is taken, in the same round trip as the reads the request needs, before the
-context is read, and released by the statement that writes the outcome, which
-writes nothing when the lease was lost. No transaction is open while the agent runs.
+is taken, in the same call as the reads the request needs (0012's
+`towerctl_take_request`), and released by the call that writes the outcome
+(`towerctl_write_request`), which writes nothing when the lease was lost. In a
+batch (`RequestChain`) that write may instead keep the lease and read the next
+request's history: a batch line then costs one round trip. Both are plpgsql
+functions, so the server keeps their plans per connection without prepared
+statements (pooler-safe). No transaction is open while the agent runs.
 """
 
 from __future__ import annotations
