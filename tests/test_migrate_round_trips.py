@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from psycopg import pq
 
-from conftest import CLI
+from conftest import CLI, direct
 from towerctl import db, migrations
 from towerctl.errors import ExitCode, MigrationError
 
@@ -103,7 +103,8 @@ def test_lock_taken_falls_back_to_waiting_and_names_the_holder(
     seen: list[str] = []
     try:
         migrations.migrate(conn, folder, target=1)
-        with psycopg.connect(empty_db_url, autocommit=True) as holder:
+        # a session lock through a transaction pooler guards nothing: held directly
+        with psycopg.connect(direct(empty_db_url), autocommit=True) as holder:
             holder.execute("SELECT pg_advisory_lock(%s)", (migrations.LOCK_KEY,))
             with pytest.raises(MigrationError, match="held the lock"):
                 migrations.migrate(conn, folder, lock_timeout=0.3, notify=seen.append)
