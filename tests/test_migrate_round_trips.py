@@ -167,3 +167,44 @@ def test_the_file_queued_behind_a_failed_one_runs_nothing(
         )
         rows = c.execute("SELECT version FROM tower_schema_migrations").fetchall()
         assert rows == [(1,)]
+
+
+def test_the_run_ends_with_its_commits_on_disk(cli: CLI, tmp_path: Path) -> None:
+    """Pipelined files commit without waiting for the disk; the run's last file's commit waits
+    for all of it. The WAL writer is slowed (10 s) so only that commit can flush."""
+    import pgserver
+
+    folder = tmp_path / "m"
+    for i in range(1, 6):
+        write(
+            folder,
+            f"000{i}_t{i}.sql",
+            f"CREATE TABLE t{i} AS SELECT g, current_setting('synchronous_commit') AS commits"
+            " FROM generate_series(1, 500) g;\n",
+        )
+    write(
+        folder,
+        "0006_mark.sql",
+        "CREATE TABLE wal_mark AS SELECT pg_current_wal_insert_lsn() AS lsn,"
+        " current_setting('synchronous_commit') AS commits;\n",
+    )
+    with pgserver.pg_server() as server:
+        with server.connect() as admin:
+            admin.execute("ALTER SYSTEM SET synchronous_commit = on")  # pgserver's is off
+            admin.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
+            admin.execute("ALTER SYSTEM SET wal_writer_flush_after = '1GB'")
+            admin.execute("SELECT pg_reload_conf()")
+        result = cli("--database-url", server.url(), "migrate", "--dir", str(folder))
+        assert result.exit_code == ExitCode.OK, result.stderr
+        with server.connect() as c:
+            row = c.execute(
+                "SELECT pg_current_wal_flush_lsn() >= lsn, lsn::text, commits FROM wal_mark"
+            ).fetchone()
+            earlier = c.execute(
+                "SELECT DISTINCT commits FROM t1 UNION SELECT DISTINCT commits FROM t5"
+            ).fetchall()
+            setting = c.execute("SHOW synchronous_commit").fetchone()
+    assert row is not None and row[0] is True, row
+    assert row[2] == "on"  # the last file's commit waited for the disk
+    assert earlier == [("off",)]  # the files before it did not
+    assert setting == ("on",)  # the files' setting was LOCAL: nothing outlived them

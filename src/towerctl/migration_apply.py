@@ -30,7 +30,12 @@ from towerctl.migration_ledger import (
     take_lock,
     wait_for_lease,
 )
-from towerctl.migration_pipeline import FilePipeline, first_failure
+from towerctl.migration_pipeline import (
+    AROUND_STATEMENTS,
+    FIRST_STATEMENT,
+    FilePipeline,
+    first_failure,
+)
 from towerctl.migration_plan import Step
 
 if TYPE_CHECKING:
@@ -118,7 +123,7 @@ def _settle(
     _roll_back(conn)
     if failed == 1 and getattr(error, "sqlstate", None) == FAST_PATH_REFUSED:
         return
-    current = failed - 2
+    current = failed - FIRST_STATEMENT
     if current >= len(step.statements):  # the ledger row or COMMIT (a deferred constraint)
         from towerctl.db import first_line
 
@@ -240,6 +245,15 @@ def apply(
     check_wait(lock_timeout)
     pipe = FilePipeline(conn, int(statement_lock_timeout() * 1000), allow_out_of_order)
     done: list[Migration] = []
+    _apply_steps(conn, pipe, steps, done, lock_timeout, allow_out_of_order, on_applied, notify)
+    return done
+
+
+def _apply_steps(
+    conn: psycopg.Connection, pipe: FilePipeline, steps: Sequence[Step], done: list[Migration],
+    lock_timeout: float, allow_out_of_order: bool,
+    on_applied: Callable[[Migration, float], None] | None, notify: Notify | None,
+) -> None:  # fmt: skip
     queued = False  # steps[index] was sent behind the file before it
     for index, step in enumerate(steps):
         name = step.migration.filename
@@ -256,11 +270,11 @@ def apply(
                 queued = False
             else:
                 if not queued:
-                    pipe.send(step)
+                    pipe.send(step, durable=step is steps[-1])
                 if following is not None:
-                    pipe.send(following, after=step)
+                    pipe.send(following, after=step, durable=following is steps[-1])
                 results = pipe.receive()
-                failed = first_failure(results, len(step.statements) + 4)
+                failed = first_failure(results, len(step.statements) + AROUND_STATEMENTS)
                 if failed < 0:
                     value = results[-2].get_value(0, 0)
                     elapsed = float(value) if value else 0.0
@@ -285,14 +299,13 @@ def apply(
             on_applied(step.migration, elapsed)
         if notify and queued and following is not None:
             notify(f"applying {following.migration.filename} …")
-    return done
 
 
 def _drain(pipe: FilePipeline, queued: Step) -> None:
     """Read the results of the file queued behind one that failed: it ran nothing (its BEGIN
     met the aborted transaction, or its guard refused) unless the connection was lost."""
     results = pipe.receive()
-    failed = first_failure(results, len(queued.statements) + 4)
+    failed = first_failure(results, len(queued.statements) + AROUND_STATEMENTS)
     if failed > 1 and not pipe.conn.broken:
         raise MigrationError(
             f"{queued.migration.filename} ran behind a file that failed",  # the guard prevents it

@@ -29,6 +29,19 @@ if TYPE_CHECKING:
 
 Query = tuple[bytes, Sequence[bytes | None] | None]
 
+# A pipelined file's commit does not wait for the disk (SET LOCAL: nothing outlives the file's
+# transaction, behind a pooler too), except the run's last file: its commit waits for all
+# the WAL before it. A server crash mid-run can lose the latest files, each together with
+# its ledger row, and the next run applies them again; when a run ends well, everything it
+# reported applied is on disk. After a failure the server's WAL writer flushes the files
+# reported applied within 3 x wal_writer_delay (0.6 s by default).
+ASYNC_COMMIT = b"SET LOCAL synchronous_commit = off"
+DURABLE_COMMIT = b"SET LOCAL synchronous_commit TO DEFAULT"
+# The messages of a file's pipeline around its own statements: BEGIN, the guard, the
+# commit setting, then the ledger row and COMMIT. Index of the file's first statement:
+FIRST_STATEMENT = 3
+AROUND_STATEMENTS = 5
+
 
 class FilePipeline:
     def __init__(self, conn: psycopg.Connection, statement_ms: int, allow_out_of_order: bool):
@@ -43,7 +56,7 @@ class FilePipeline:
     def mark(self, step: Step) -> bytes:
         return f"{self.run}:{step.migration.version}".encode()
 
-    def queries(self, step: Step, after: Step | None) -> list[Query]:
+    def queries(self, step: Step, after: Step | None, durable: bool) -> list[Query]:
         migration = step.migration
         version = str(int(migration.version)).encode()
         guard = (
@@ -62,19 +75,21 @@ class FilePipeline:
         return [
             (b"BEGIN", None),
             (FAST_GUARD.encode(), guard),
+            (DURABLE_COMMIT if durable else ASYNC_COMMIT, None),
             *((statement.text.encode(self.encoding), None) for statement in step.statements),
             (INSERT_LEDGER_TIMED.encode(), row),
             (b"COMMIT", None),
         ]
 
-    def send(self, step: Step, after: Step | None = None) -> None:
+    def send(self, step: Step, after: Step | None = None, *, durable: bool = False) -> None:
         """Queue the file's transaction (one statement per message) and a Sync; `after` is the
-        file queued just before it, which must commit first."""
+        file queued just before it, which must commit first; a `durable` file's commit waits
+        for the disk (the run's last)."""
         pgconn = self.pgconn
         if not self.in_flight:
             pgconn.enter_pipeline_mode()
         self.in_flight += 1
-        for query, params in self.queries(step, after):
+        for query, params in self.queries(step, after, durable):
             pgconn.send_query_params(query, params)
         pgconn.pipeline_sync()
         while pgconn.flush():
