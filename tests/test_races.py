@@ -26,6 +26,7 @@ import pytest
 import pgserver
 from agents_fixtures import exec_agent
 from conftest import CLI, OpenedSession, assert_store_consistent, open_session
+from conftest import direct as unpooled
 from towerctl.config import Pricing
 from towerctl.errors import ExitCode
 from towerctl.request_rules import cost_sats
@@ -184,7 +185,8 @@ def race_env(
 ) -> tuple[dict[str, str], str]:
     """(environment for towerctl, direct URL for checks) on each kind of connection."""
     if request.param == "direct":
-        return dict(tower_env), db_url
+        # the checks' own connections bypass any pooler the whole run goes through
+        return dict(tower_env), unpooled(db_url)
     through, direct = request.getfixturevalue("pooled_database")
     return {**tower_env, "TOWER_DATABASE_URL": through}, direct
 
