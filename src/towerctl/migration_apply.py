@@ -245,15 +245,6 @@ def apply(
     check_wait(lock_timeout)
     pipe = FilePipeline(conn, int(statement_lock_timeout() * 1000), allow_out_of_order)
     done: list[Migration] = []
-    _apply_steps(conn, pipe, steps, done, lock_timeout, allow_out_of_order, on_applied, notify)
-    return done
-
-
-def _apply_steps(
-    conn: psycopg.Connection, pipe: FilePipeline, steps: Sequence[Step], done: list[Migration],
-    lock_timeout: float, allow_out_of_order: bool,
-    on_applied: Callable[[Migration, float], None] | None, notify: Notify | None,
-) -> None:  # fmt: skip
     queued = False  # steps[index] was sent behind the file before it
     for index, step in enumerate(steps):
         name = step.migration.filename
@@ -299,6 +290,7 @@ def _apply_steps(
             on_applied(step.migration, elapsed)
         if notify and queued and following is not None:
             notify(f"applying {following.migration.filename} …")
+    return done
 
 
 def _drain(pipe: FilePipeline, queued: Step) -> None:
