@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import CLI, THROUGH_PGBOUNCER, direct
+from conftest import CLI, direct
 from towerctl import migrations
 from towerctl.errors import ExitCode
 
@@ -287,11 +287,6 @@ def test_bad_flags_exit_2(cli: CLI, args: list[str]) -> None:
     assert cli("migrate", *args).exit_code == ExitCode.BAD_INPUT
 
 
-@pytest.mark.skipif(
-    THROUGH_PGBOUNCER,
-    reason="behind a transaction pooler the client keeps its connection when the server's "
-    "is killed: that is a failed file (exit 7), not a lost connection",
-)
 def test_lost_connection_mid_file_exits_8(cli: CLI, empty_db_url: str, tmp_path: Path) -> None:
     folder = tmp_path / "sql"
     write(folder, "0001_slow.sql", "CREATE TABLE a (id int);\nSELECT pg_sleep(5);\n")
