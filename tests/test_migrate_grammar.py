@@ -284,3 +284,37 @@ def test_tree_checksum_is_the_one_ledgers_already_hold() -> None:
 @given(script=scripts())
 def test_tree_checksum_matches_the_recorded_one_on_hostile_sql(script: str) -> None:
     assert sqlsplit.tree_checksum(script) == recorded_tree_checksum(script), script
+
+
+@pytest.mark.timeout(120)
+def test_ledger_rows_hold_the_recorded_tree_checksum(
+    cli: CLI, empty_db_url: str, tmp_path: Path
+) -> None:
+    """The run computes each file's tree checksum late (while the server runs the file before
+    it) from the parse it checked; the ledger gets the digest earlier towerctl recorded, for
+    pipelined files, the run's last file and a no-transaction file alike; steps keep no trees."""
+    from towerctl import migrations
+
+    folder = tmp_path / "sql"
+    bodies = {
+        "0001_a.sql": "CREATE TABLE a (id int, location text); -- a comment\n",
+        "0002_b.sql": 'SELECT \'é\' AS "ñ", $x$"location":1$x$;\nCREATE TABLE b (v int);\n',
+        "0003_c.sql": f"{migrations.NO_TRANSACTION_MARK}\nCREATE INDEX CONCURRENTLY "
+        "IF NOT EXISTS b_v ON b (v);\n",
+        "0004_d.sql": "ALTER TABLE a ADD COLUMN note text;\nCOMMENT ON TABLE a IS 'x;y';\n",
+    }
+    for name, body in bodies.items():
+        write(folder, name, body)
+    plan = migrations.plan_migrations(migrations.discover(folder), [])
+    steps = migrations.prepare(plan)
+    assert all(s.node is None for step in steps for s in step.statements)
+    assert [step.tree_checksum for step in steps] == [
+        recorded_tree_checksum(body) for body in bodies.values()
+    ]
+    result = run(cli, empty_db_url, folder)
+    assert result.exit_code == ExitCode.OK, result.stderr
+    with psycopg.connect(empty_db_url) as c:
+        rows = c.execute(
+            "SELECT version, tree_checksum FROM tower_schema_migrations ORDER BY version"
+        ).fetchall()
+    assert rows == [(int(name[:4]), recorded_tree_checksum(body)) for name, body in bodies.items()]

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from towerctl.errors import MigrationError
-from towerctl.migration_files import Migration, tree_checksum
+from towerctl.migration_files import Migration
 from towerctl.migration_ledger import (
     DROP_LEASE,
     FAST_PATH_REFUSED,
@@ -77,7 +77,7 @@ def _apply_step_by_step(
 
     migration = step.migration
     statement_ms = int(statement_lock_timeout() * 1000)
-    tree = step.tree_checksum or tree_checksum(migration.sql)
+    tree = step.tree_checksum
     while True:
         current = -1
         try:
@@ -201,7 +201,7 @@ def _apply_without_transaction(
                 INSERT_LEDGER,
                 (
                     migration.version, migration.name, migration.checksum, elapsed, False,
-                    step.tree_checksum or tree_checksum(migration.sql),
+                    step.tree_checksum,
                 ),
             )  # fmt: skip
             conn.execute(DROP_LEASE, (token,))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from towerctl.errors import BadInput, MigrationError
 
 if TYPE_CHECKING:
-    from towerctl.sqlsplit import Statement
+    from towerctl.sqlsplit import ParsedScript, Statement
 
 FILE_NAME = re.compile(r"^([0-9]+)_([A-Za-z0-9][A-Za-z0-9_.\-]*)\.sql$", re.ASCII | re.IGNORECASE)
 MIGRATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", re.ASCII)
@@ -131,19 +131,20 @@ def check_statements(migration: Migration) -> tuple[Statement, ...]:
     return check_file(migration)[0]
 
 
-def check_file(migration: Migration) -> tuple[tuple[Statement, ...], str]:
-    """The file's statements as PostgreSQL's grammar reads them and its tree checksum, from one
-    parse, or `MigrationError` naming the file and line of anything the run would refuse: a
+def check_file(migration: Migration) -> tuple[tuple[Statement, ...], ParsedScript | None]:
+    """The file's statements as PostgreSQL's grammar reads them and the parse (for its tree
+    checksum), or `MigrationError` naming the file and line of anything the run would refuse: a
     syntax error, transaction control, a COPY that needs the client's data stream, a statement
     that cannot run in (or, in a no-transaction file, cannot safely re-run outside) a
-    transaction."""
+    transaction. The statements come without their parse nodes: a run holds every file's
+    statements at once, and keeping the decoded trees would only feed the garbage collector."""
     from towerctl import sqlsplit  # pglast: only when a file is parsed
 
     name = migration.filename
-    tree = ""
+    parsed: ParsedScript | None = None
     try:
         parsed = sqlsplit.parse(migration.sql)
-        statements, tree = parsed.statements, parsed.tree_checksum
+        statements = parsed.statements
     except sqlsplit.SQLSyntaxError as error:
         # psql-style COPY data after `COPY … FROM STDIN;` is what the grammar tripped on.
         try:
@@ -181,7 +182,7 @@ def check_file(migration: Migration) -> tuple[tuple[Statement, ...], str]:
                 "SELECT)",
                 hint="move it to a transactional file",
             )
-    return tuple(statements), tree
+    return tuple(sqlsplit.Statement(s.text, s.line, s.kind) for s in statements), parsed
 
 
 def _first_words(statement: Statement) -> str:

@@ -19,7 +19,6 @@ import select
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from towerctl.migration_files import tree_checksum
 from towerctl.migration_ledger import FAST_GUARD, INSERT_LEDGER_TIMED
 from towerctl.migration_plan import Step
 
@@ -69,7 +68,7 @@ class FilePipeline:
             version,
             migration.name.encode(self.encoding),
             migration.checksum.encode(),
-            (step.tree_checksum or tree_checksum(migration.sql)).encode(),
+            step.tree_checksum.encode(),
             self.mark(step),
         )
         return [

@@ -7,7 +7,9 @@ statement it is, or whether it controls the transaction.
 A file is parsed once, into libpg_query's own JSON (built in C, read by the C
 `json` decoder): statement boundaries, lines, kinds, the checks below and the
 tree checksum of `repair` all come from that one parse. Locations in the JSON
-are UTF-8 byte offsets, so the script is sliced as bytes.
+are UTF-8 byte offsets, so the script is sliced as bytes. The tree checksum is
+computed from the kept JSON text when first asked for: a run asks for a file's
+while the server runs the file before it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from pglast import parser
@@ -53,7 +56,12 @@ class Statement:
 @dataclass(frozen=True)
 class ParsedScript:
     statements: list[Statement]
-    tree_checksum: str  # see `tree_checksum`
+    tree_json: str = field(repr=False)  # libpg_query's JSON of the script
+
+    @cached_property
+    def tree_checksum(self) -> str:
+        """See `tree_checksum`."""
+        return _digest(self.tree_json)
 
 
 class SQLSyntaxError(ValueError):
@@ -81,10 +89,10 @@ def _parse_json(script: str) -> str:
 
 
 def parse(script: str) -> ParsedScript:
-    """Every statement of `script` with its first line, and the tree checksum, from one parse;
-    raises `SQLSyntaxError`."""
-    stripped = _LOCATION.sub("", _parse_json(script))
-    items = json.loads(stripped).get("stmts", [])
+    """Every statement of `script` with its first line (and its tree checksum, computed when
+    asked for); raises `SQLSyntaxError`."""
+    tree_json = _parse_json(script)
+    items = json.loads(tree_json).get("stmts", [])
     data = script.encode()
     statements: list[Statement] = []
     for item in items:
@@ -97,9 +105,12 @@ def parse(script: str) -> ParsedScript:
         line = data.count(b"\n", 0, start + lead) + 1
         ((kind, node),) = item["stmt"].items()
         statements.append(Statement(raw.decode().strip(), line, kind, node))
-    tree = [item["stmt"] for item in items]
-    digest = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
-    return ParsedScript(statements, digest)
+    return ParsedScript(statements, tree_json)
+
+
+def _digest(tree_json: str) -> str:
+    tree = [item["stmt"] for item in json.loads(_LOCATION.sub("", tree_json)).get("stmts", [])]
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 
 def parse_script(script: str) -> list[Statement]:
@@ -116,7 +127,7 @@ def parse_tree(script: str) -> list[Any]:
 def tree_checksum(script: str) -> str:
     """SHA-256 of `parse_tree(script)` as sorted JSON: unchanged by cosmetic edits. The same
     digest towerctl has recorded in the ledger since the column was added."""
-    return parse(script).tree_checksum
+    return _digest(_parse_json(script))
 
 
 def is_transaction_control(statement: Statement) -> bool:
