@@ -318,3 +318,36 @@ def test_ledger_rows_hold_the_recorded_tree_checksum(
             "SELECT version, tree_checksum FROM tower_schema_migrations ORDER BY version"
         ).fetchall()
     assert rows == [(int(name[:4]), recorded_tree_checksum(body)) for name, body in bodies.items()]
+
+
+def ledger_exists(url: str) -> bool:
+    with psycopg.connect(url) as c:
+        row = c.execute("SELECT to_regclass('tower_schema_migrations') IS NOT NULL").fetchone()
+    return bool(row and row[0])
+
+
+@pytest.mark.timeout(120)
+def test_the_ledger_made_while_files_are_checked_is_kept_only_when_the_run_goes_on(
+    cli: CLI, empty_db_url: str, tmp_path: Path
+) -> None:
+    """A fresh database's ledger is made on the server while the client checks the files: a
+    refused run leaves no ledger, and so does a run whose lock another runner holds."""
+    from towerctl.migrations import LOCK_KEY
+
+    folder = tmp_path / "sql"
+    write(folder, "0001_a.sql", "CREATE TABLE a (id int);\n")
+    write(folder, "0002_bad.sql", "CREATE TABLE b (id int);\nCOMMIT;\n")
+    refused = run(cli, empty_db_url, folder)
+    assert refused.exit_code == ExitCode.MIGRATION, refused.stderr
+    assert "0002_bad.sql, line 2" in refused.stderr
+    assert not ledger_exists(empty_db_url)
+    (folder / "0002_bad.sql").unlink()
+    with psycopg.connect(empty_db_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+        busy = run(cli, empty_db_url, folder, "--lock-timeout", "0")
+        assert busy.exit_code == ExitCode.MIGRATION, busy.stderr
+        assert "held the lock" in busy.stderr
+        assert not ledger_exists(empty_db_url)
+    done = run(cli, empty_db_url, folder)
+    assert done.exit_code == ExitCode.OK, done.stderr
+    assert user_tables(empty_db_url) == {"a"} and ledger_exists(empty_db_url)

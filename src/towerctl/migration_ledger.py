@@ -4,9 +4,12 @@ outside any transaction)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -231,6 +234,76 @@ def ensure_ledger(
         conn.execute("SET LOCAL lock_timeout = '10s'")
         for ddl in (CREATE_LEDGER, ADD_TREE_CHECKSUM, CREATE_LEASE, CREATE_REPAIRS, CREATE_GUARD):
             conn.execute(ddl)
+
+
+# The ledger's tables made in a transaction left open while the client parses the files (one
+# simple query, not waited for): taken only when the lock is free at once, committed without
+# waiting for the disk (the run's last file's commit flushes it), rolled back on a refusal.
+EARLY_LEDGER = ";\n".join(
+    (
+        "BEGIN",
+        f"""DO $early$ BEGIN
+    IF NOT pg_try_advisory_xact_lock({LOCK_KEY}) THEN
+        RAISE EXCEPTION 'migration lock taken' USING ERRCODE = '{FAST_PATH_REFUSED}';
+    END IF;
+END $early$""",
+        "SET LOCAL synchronous_commit = off",
+        "SET LOCAL lock_timeout = '10s'",
+        CREATE_LEDGER, ADD_TREE_CHECKSUM, CREATE_LEASE, CREATE_REPAIRS, CREATE_GUARD,
+    )
+)  # fmt: skip
+
+
+@dataclass
+class LedgerReady:
+    ready: bool = False  # the ledger is up to date: `ensure_ledger` has nothing to do
+
+
+@contextlib.contextmanager
+def ledger_meanwhile(conn: psycopg.Connection) -> Iterator[LedgerReady]:
+    """Make a missing ledger on the server while the body runs on the client (the up-front
+    check of every file): committed when the body returns, rolled back when it raises. Unless
+    the result says the ledger is ready, `ensure_ledger` follows, and deals with whatever went
+    wrong here (the lock taken, a hot standby)."""
+    state = LedgerReady()
+    ready = conn.execute(LEDGER_READY).fetchone()
+    if not ready or ready[0] or ready[1]:
+        state.ready = bool(ready and ready[0] and not ready[1])
+        yield state
+        return
+    pgconn = conn.pgconn
+    pgconn.send_query(EARLY_LEDGER.encode())
+    while pgconn.flush():
+        select.select([], [pgconn.socket], [])
+    try:
+        yield state
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error being raised says more
+            _end_early(conn, commit=False)
+        raise
+    state.ready = _end_early(conn, commit=True)
+
+
+def _end_early(conn: psycopg.Connection, *, commit: bool) -> bool:
+    """Read the early transaction's results and end it; whether it committed."""
+    from psycopg import pq
+
+    pgconn = conn.pgconn
+    failed = False
+    while True:
+        while pgconn.is_busy():
+            select.select([pgconn.socket], [], [])
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        if result is None:
+            break
+        failed = failed or result.status == pq.ExecStatus.FATAL_ERROR
+    open_ = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
+    if pgconn.transaction_status not in open_:
+        return False  # the connection was lost: `ensure_ledger` reports it
+    commit = commit and not failed
+    conn.execute("COMMIT" if commit else "ROLLBACK")
+    return commit
 
 
 def statement_lock_timeout() -> float:

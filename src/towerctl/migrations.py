@@ -57,6 +57,7 @@ from towerctl.migration_ledger import (
     Notify,
     check_wait,
     ensure_ledger,
+    ledger_meanwhile,
     read_ledger,
     statement_lock_timeout,
     take_lock,
@@ -105,10 +106,12 @@ def migrate(
     plan = plan_migrations(
         files, read_ledger(conn), target=target, allow_out_of_order=allow_out_of_order
     )
-    steps = prepare(plan)
-    if not steps:
+    if not plan.steps:
         return []
-    ensure_ledger(conn, lock_timeout, notify)  # refuses a hot standby first (exit 8)
+    with ledger_meanwhile(conn) as ledger:  # a missing ledger is made while files are checked
+        steps = prepare(plan)
+    if not ledger.ready:
+        ensure_ledger(conn, lock_timeout, notify)  # refuses a hot standby first (exit 8)
     return apply(
         conn,
         steps,
