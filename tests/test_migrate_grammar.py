@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import CLI
+from conftest import CLI, direct
 from towerctl import sqlsplit
 from towerctl.errors import ExitCode
 
@@ -342,7 +342,7 @@ def test_the_ledger_made_while_files_are_checked_is_kept_only_when_the_run_goes_
     assert "0002_bad.sql, line 2" in refused.stderr
     assert not ledger_exists(empty_db_url)
     (folder / "0002_bad.sql").unlink()
-    with psycopg.connect(empty_db_url, autocommit=True) as holder:
+    with psycopg.connect(direct(empty_db_url), autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
         busy = run(cli, empty_db_url, folder, "--lock-timeout", "0")
         assert busy.exit_code == ExitCode.MIGRATION, busy.stderr
