@@ -6,11 +6,21 @@ request costs one round trip, not two); it does not when another client waits fo
 the session (that client has asked for the lease, `lease`), so other clients'
 requests interleave with a long batch rather than wait for all of it. The batch gives
 a kept lease back when it ends, however it ends; a killed batch's runs out.
+
+An outcome line is written only once its request is on disk. With an instant agent
+(echo) and the next line already waiting, a write commits without waiting for the
+disk; the burst ends (its last write waits for the disk, which covers every commit
+before it) when the input pauses, at the end, or after `BURST_SECONDS` or
+`BURST_LINES`, and its lines are written then (`Outbox`). A stopped batch settles its
+burst before it reports; when the database is gone it says how many lines were
+recorded but not answered. Other agents take far longer than the disk: each of their
+writes waits for it, as a single request's does.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,7 +29,8 @@ from uuid import UUID
 from towerctl import bounds
 from towerctl.agents import Agent
 from towerctl.config import Pricing, RequestLimits
-from towerctl.errors import BadInput, ExitCode, NotServed, WriteFailed, error_for
+from towerctl.db import classify
+from towerctl.errors import BadInput, ExitCode, NotServed, TowerError, WriteFailed, error_for
 from towerctl.lease import SessionLease, hold_seconds
 from towerctl.session_requests import RequestChain, run_request, unrecorded_refusal
 
@@ -27,6 +38,11 @@ if TYPE_CHECKING:
     import psycopg
 
 BATCH_KEYS = frozenset({"message", "idempotencyKey"})
+# A burst's bounds: the longest a recorded line's outcome waits for the rest of it, and
+# the most lines recorded without their outcome written (after a kill, at most these
+# and the request in flight are recorded but unanswered).
+BURST_SECONDS = 0.02
+BURST_LINES = 32
 
 
 @dataclass(frozen=True)
@@ -96,7 +112,7 @@ class BatchSummary:
 def run_batch(
     conn: psycopg.Connection,
     session_id: UUID,
-    lines: Iterable[bytes],
+    lines: Iterable[bytes] | bounds.BoundedLines,
     agent: Agent,
     emit: Callable[[dict[str, Any]], None],
     *,
@@ -109,7 +125,7 @@ def run_batch(
     Returns when every line completed; otherwise raises the error that carries the
     largest exit code among the lines. A malformed line stops the batch after the
     lines before it (exit 2). When the reader of the outcomes is gone (`reader_gone`
-    before a line, or `emit` raising WriteFailed), the request in flight stays recorded,
+    before a line, or `emit` raising WriteFailed), the requests recorded stay recorded,
     no further line runs, and WriteFailed (exit 10) says how many lines were answered.
     `lines` raising `bounds.LineTooLong` is a line past the batch line bound (exit 2).
     """
@@ -129,7 +145,7 @@ def run_batch(
 
 def _run(
     chain: RequestChain,
-    lines: Iterable[bytes],
+    lines: Iterable[bytes] | bounds.BoundedLines,
     agent: Agent,
     emit: Callable[[dict[str, Any]], None],
     reader_gone: Callable[[], bool],
@@ -137,36 +153,104 @@ def _run(
     limits: RequestLimits,
 ) -> BatchSummary:
     summary = BatchSummary()
+    outbox = Outbox(chain, emit, summary)
+    more_waiting = lines.ready if isinstance(lines, bounds.BoundedLines) else lambda: False
     numbered = enumerate(lines, start=1)
     number = 0
-    while True:
-        try:
-            number, raw = next(numbered)
-        except StopIteration:
-            break
-        except bounds.LineTooLong:
-            number += 1
-            too_long = f"longer than {limits.batch_line_bytes:,} bytes"
-            raise _stopped(summary, number, too_long) from None
-        try:
-            item = parse_batch_line(raw, limits)
-            if item is None:
-                continue
-            if reader_gone():  # nobody would read this outcome: do not run it
-                raise _output_lost(summary, "the reader of the output went away", in_flight=False)
-            doc, state = _serve(chain, item, agent, pricing, limits)
-        except BadInput as error:
-            raise _stopped(summary, number, str(error)) from None
-        summary.counts[state] += 1
-        summary.worst = max(summary.worst, ExitCode(doc["exitCode"]))
-        try:
-            emit(doc)
-        except WriteFailed as failed:
-            raise _output_lost(summary, failed.message, in_flight=True) from None
-        summary.answered += 1
+    try:
+        while True:
+            try:
+                number, raw = next(numbered)
+            except StopIteration:
+                break
+            except bounds.LineTooLong:
+                number += 1
+                too_long = f"longer than {limits.batch_line_bytes:,} bytes"
+                raise _stopped(summary, number, too_long) from None
+            try:
+                item = parse_batch_line(raw, limits)
+                if item is None:
+                    continue
+                if reader_gone():  # nobody would read this outcome: do not run it
+                    raise _output_lost(summary, "the reader of the output went away", outbox)
+                chain.durable = not (agent.instant and outbox.may_wait() and more_waiting())
+                doc, state = _serve(chain, item, agent, pricing, limits)
+            except BadInput as error:
+                raise _stopped(summary, number, str(error)) from None
+            summary.counts[state] += 1
+            summary.worst = max(summary.worst, ExitCode(doc["exitCode"]))
+            outbox.add(doc)
+        outbox.settle()
+    except BaseException as error:
+        raise outbox.stopped(error) from None
     if summary.worst != ExitCode.OK:
         raise error_for(summary.worst, f"batch: {summary.text()}")
     return summary
+
+
+class Outbox:
+    """Outcome lines in input order, each written once its request is on disk."""
+
+    def __init__(
+        self,
+        chain: RequestChain,
+        emit: Callable[[dict[str, Any]], None],
+        summary: BatchSummary,
+    ) -> None:
+        self.chain, self.emit, self.summary = chain, emit, summary
+        self.waiting: list[dict[str, Any]] = []
+        self.since = 0.0
+
+    def may_wait(self) -> bool:
+        """Whether one more line may join the burst without waiting for the disk."""
+        if not self.waiting:
+            return True
+        return len(self.waiting) < BURST_LINES and time.monotonic() - self.since < BURST_SECONDS
+
+    def add(self, doc: dict[str, Any]) -> None:
+        if not self.waiting:
+            self.since = time.monotonic()
+        self.waiting.append(doc)
+        if not self.chain.unsettled:
+            self._write_out()
+
+    def settle(self) -> None:
+        """Wait for the disk if a write did not, then write every waiting line."""
+        if self.waiting:
+            self.chain.settle()
+            self._write_out()
+
+    def stopped(self, error: BaseException) -> BaseException:
+        """The error a stopped batch raises: the burst before it settled and written,
+        or, when that is not possible, the error saying what is unanswered."""
+        if not self.waiting or isinstance(error, WriteFailed):
+            return error
+        try:
+            self.settle()
+        except WriteFailed as failed:
+            return failed
+        except Exception:
+            known = error if isinstance(error, TowerError) else classify(error)
+            if known is None:
+                return error
+            unsure = len(self.waiting)
+            lines = "one more line was" if unsure == 1 else f"{unsure} more lines were"
+            return error_for(
+                known.exit_code,
+                f"{known.message}; {lines} recorded but not answered: the database went"
+                " away before they were on disk (`towerctl session transcript` shows what"
+                " was kept)",
+            )
+        return error
+
+    def _write_out(self) -> None:
+        while self.waiting:
+            try:
+                self.emit(self.waiting[0])
+            except WriteFailed as failed:
+                raise _output_lost(self.summary, failed.message, self) from None
+            self.waiting.pop(0)
+            self.summary.answered += 1
 
 
 def _serve(
@@ -200,8 +284,15 @@ def _stopped(summary: BatchSummary, number: int, problem: str) -> Exception:
     )
 
 
-def _output_lost(summary: BatchSummary, reason: str, *, in_flight: bool) -> WriteFailed:
-    recorded = "; one more was recorded but its outcome not written" if in_flight else ""
+def _output_lost(summary: BatchSummary, reason: str, outbox: Outbox) -> WriteFailed:
+    unwritten = len(outbox.waiting)
+    recorded = (
+        "; one more was recorded but its outcome not written"
+        if unwritten == 1
+        else f"; {unwritten} more were recorded but their outcomes not written"
+        if unwritten
+        else ""
+    )
     return WriteFailed(
         f"batch stopped, {reason}: {summary.answered} line"
         f"{'s' if summary.answered != 1 else ''} answered{recorded}; no further line was run"

@@ -209,22 +209,75 @@ class LineTooLong(Exception):
 class BoundedLines:
     """The lines of a binary stream, each read with at most `limit` bytes (plus its
     newline) held. A longer line raises `LineTooLong` and nothing more of the stream
-    is read (an endless line, `/dev/zero`, is never read to its end)."""
+    is read (an endless line, `/dev/zero`, is never read to its end).
+
+    `ready()` says whether the next line can be had without waiting for the writer,
+    so a reader can tell a burst of lines from a writer that waits for an answer."""
+
+    CHUNK = 1 << 16
 
     def __init__(self, stream: IO[bytes], limit: int) -> None:
         self.stream, self.limit = stream, limit
+        self._held = bytearray()
+        self._ended = False
 
     def __iter__(self) -> BoundedLines:
         return self
 
     def __next__(self) -> bytes:
-        line = self.stream.readline(self.limit + 2)
-        if not line:
-            raise StopIteration
-        body = line[:-1] if line.endswith(b"\n") else line
-        if len(body) > self.limit:
+        while True:
+            line = self._take_line()
+            if line is not None:
+                return line
+            if self._ended:
+                raise StopIteration
+            self._read()
+
+    def ready(self) -> bool:
+        """True when the next line (or the end, or a line past the bound) is here
+        already; reads only what the stream holds without waiting."""
+        while not self._complete():
+            if not self._readable_now():
+                return False
+            self._read()
+        return True
+
+    def _complete(self) -> bool:
+        return self._ended or b"\n" in self._held or len(self._held) > self.limit
+
+    def _take_line(self) -> bytes | None:
+        end = self._held.find(b"\n")
+        if end > self.limit or (end < 0 and len(self._held) > self.limit):
             raise LineTooLong()
+        if end < 0 and not (self._ended and self._held):
+            return None
+        cut = end + 1 if end >= 0 else len(self._held)
+        line = bytes(self._held[:cut])
+        del self._held[:cut]
         return line
+
+    def _read(self) -> None:
+        want = min(self.CHUNK, self.limit + 2 - len(self._held))
+        read1 = getattr(self.stream, "read1", None)
+        chunk = read1(want) if read1 is not None else self.stream.read(want)
+        if chunk:
+            self._held += chunk
+        else:
+            self._ended = True
+
+    def _readable_now(self) -> bool:
+        """True when a read would not wait (data or end of input); streams without a
+        file descriptor (in memory) never wait."""
+        import select
+
+        try:
+            fd = self.stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            return True
+        try:
+            return bool(select.select([fd], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
 
 
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")

@@ -56,13 +56,21 @@ SELECT * FROM towerctl_take_request(%(sid)s::uuid, %(me)s::uuid, %(hold)s::float
 # balance and both messages, only while this request holds the lease (no row otherwise);
 # the lease given back, or, in a batch (renew), kept for the next request with the
 # state and history it needs: (id, debited, balance after, state, kept, three arrays).
+# Its commit waits for the disk unless `commit` is 'off' (a batch's burst, below): that
+# setting is LOCAL to the request's own transaction, so nothing outlives it, behind a
+# transaction-pooling PgBouncer too.
 RECORD = """
-SELECT * FROM towerctl_write_request(
+SELECT w.*, set_config('synchronous_commit',
+                       coalesce(%(commit)s::text, current_setting('synchronous_commit')), true)
+FROM towerctl_write_request(
     %(sid)s::uuid, %(me)s::uuid, %(state)s::text, %(agent)s::text, %(reason)s::text,
     %(error)s::text, %(in)s::integer, %(out)s::integer, %(cost)s::bigint, %(key)s::text,
     %(digest)s::text, %(pause)s::boolean, %(floor)s::bigint, %(user)s::text,
     %(user_tokens)s::integer, %(reply)s::text, %(reply_tokens)s::integer,
-    %(renew)s::float8, %(context)s::integer)"""
+    %(renew)s::float8, %(context)s::integer) AS w"""
+# A commit that waits for the disk waits for every commit before it: a transaction with
+# an id of its own (and nothing else) settles a burst of writes that did not wait.
+SETTLE = "SELECT pg_current_xact_id()"
 
 History = list[tuple[str, str, int]]  # (role, content, tokens), newest first
 
@@ -80,6 +88,16 @@ class RequestChain:
     def __init__(self, lease: SessionLease[None]) -> None:
         self.lease = lease
         self.next_start: tuple[str, int, History] | None = None
+        # whether the next write waits for the disk, and whether one that did not is
+        # not yet known to be on disk (the batch decides, `batch.Outbox`)
+        self.durable = True
+        self.unsettled = False
+
+    def settle(self) -> None:
+        """Return once every write of the chain is on disk."""
+        if self.unsettled:
+            self.lease.conn.execute(SETTLE)
+            self.unsettled = False
 
     def kept_start(self) -> tuple[str, int, History] | None:
         """What the previous write read for this request, while its lease is surely ours."""
@@ -211,6 +229,7 @@ def _record(
         "reply_tokens": tokens(reply.text),
         "renew": lease.hold_seconds if chain is not None else None,
         "context": context,
+        "commit": None if chain is None or chain.durable else "off",
     }
     sent = time.monotonic()
     row = conn.execute(RECORD, params).fetchone()
@@ -224,7 +243,9 @@ def _record(
             "or charged",
             hint=f"the lease lasts the agent deadline + {MARGIN_SECONDS:g}s; retry",
         )
-    rid, debited, balance_after, state, kept, roles, contents, counts = row
+    rid, debited, balance_after, state, kept, roles, contents, counts, _commit = row
+    if chain is not None:
+        chain.unsettled = not chain.durable
     if kept and chain is not None:
         lease.kept(sent)
         chain.next_start = (state, balance_after, _history(roles, contents, counts))

@@ -1,0 +1,159 @@
+"""A batch's bursts: an echo batch's writes wait for the disk together, and an outcome
+line is written only once its request is on disk (towerctl.batch.Outbox)."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import faults
+from conftest import CLI, ROOT_KEY_HEX, open_session
+from towerctl import bounds
+from towerctl.errors import ExitCode
+
+# --- the reader's readiness -----------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_ready_says_whether_the_next_line_waits_for_the_writer() -> None:
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "rb") as stream:
+        lines = bounds.BoundedLines(stream, 8)
+        assert not lines.ready()  # nothing written: the next line would wait
+        os.write(write_end, b"one\ntw")
+        assert lines.ready()
+        assert next(lines) == b"one\n"
+        assert not lines.ready()  # half a line: the rest would wait
+        os.write(write_end, b"o\n" + b"x" * 20)
+        assert lines.ready()
+        assert next(lines) == b"two\n"
+        assert lines.ready()  # a line past the bound is here: next() says so at once
+        with pytest.raises(bounds.LineTooLong):
+            next(lines)
+        os.close(write_end)
+
+
+@pytest.mark.timeout(30)
+def test_the_end_of_input_is_ready() -> None:
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "rb") as stream:
+        lines = bounds.BoundedLines(stream, 8)
+        os.write(write_end, b"last")
+        assert not lines.ready()
+        os.close(write_end)
+        assert lines.ready()
+        assert next(lines) == b"last"
+        with pytest.raises(StopIteration):
+            next(lines)
+
+
+# --- a writer that waits for each answer ----------------------------------------------------
+
+
+def _read_line(fd: int, timeout: float) -> bytes:
+    line = b""
+    deadline = time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise AssertionError(f"no answer within {timeout}s (so far {line!r})")
+        byte = os.read(fd, 1)
+        assert byte, "towerctl closed its output"
+        line += byte
+    return line
+
+
+@pytest.mark.timeout(90)
+def test_each_answer_comes_before_the_next_line_is_sent(
+    tower_env: dict[str, str], cli: CLI
+) -> None:
+    """A writer that sends a line and waits for its answer (a co-process) gets it: a
+    line whose successor is not there yet waits for the disk and is answered at once."""
+    s = open_session(cli, 1_000_000)
+    proc = subprocess.Popen(
+        [*faults.TOWERCTL, "session", "request", s.id, "--batch", "--macaroon", s.macaroon],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        for n in range(12):
+            proc.stdin.write(b'{"message": "turn %d"}\n' % n)
+            proc.stdin.flush()
+            answer = json.loads(_read_line(proc.stdout.fileno(), 20))
+            assert answer["result"] == f"turn {n}" and answer["state"] == "complete"
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == ExitCode.OK
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# --- every printed outcome is on disk -----------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_every_printed_outcome_survives_a_server_crash(tmp_path: Path) -> None:
+    """The server is killed (`pg_ctl -m immediate`: its WAL buffers are lost) while an
+    echo batch runs in bursts; every outcome printed before is in the store after the
+    restart. The WAL writer is slowed (10 s), so a commit that did not wait for the disk
+    is on disk only if a later commit waited."""
+    with faults.own_server() as server:
+        with psycopg.connect(server.url, autocommit=True) as admin:
+            admin.execute("ALTER SYSTEM SET synchronous_commit = on")  # pgserver's is off
+            admin.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
+            admin.execute("ALTER SYSTEM SET wal_writer_flush_after = '1GB'")
+            admin.execute("SELECT pg_reload_conf()")
+        env = faults.process_env(
+            {
+                "TOWER_DATABASE_URL": server.url,
+                "TOWER_HOME": str(tmp_path / "home"),
+                "TOWER_ROOT_KEY": ROOT_KEY_HEX,
+                "NO_COLOR": "1",
+            }
+        )
+        assert faults.run(["migrate"], env).returncode == 0
+        opened = faults.run(["session", "open", "--deposit", "100000000", "--json"], env)
+        doc = json.loads(opened.stdout)
+        proc = subprocess.Popen(
+            [*faults.TOWERCTL, "session", "request", doc["sessionId"], "--batch",
+             "--macaroon", doc["macaroon"]],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        feed = b"".join(b'{"message": "line %d"}\n' % n for n in range(50_000))
+
+        def write_all() -> None:
+            try:
+                proc.stdin.write(feed)  # type: ignore[union-attr]
+                proc.stdin.close()  # type: ignore[union-attr]
+            except (BrokenPipeError, OSError):
+                pass
+
+        writer = threading.Thread(target=write_all, daemon=True)
+        writer.start()
+        printed = [json.loads(_read_line(proc.stdout.fileno(), 60)) for _ in range(300)]
+        server.stop("immediate")
+        rest, err = proc.communicate(timeout=60)
+        printed += [json.loads(line) for line in rest.splitlines() if line.endswith(b"}")]
+        assert proc.returncode == ExitCode.UNREACHABLE, err
+        server.start()
+        with psycopg.connect(server.url, autocommit=True) as c:
+            kept = {row[0] for row in c.execute("SELECT id FROM session_requests")}
+    ids = [o["requestId"] for o in printed]
+    assert len(ids) >= 300 and len(set(ids)) == len(ids)
+    lost = sorted(set(ids) - kept)
+    assert not lost, f"{len(lost)} printed outcomes are not in the store: {lost[:5]}..."
