@@ -32,7 +32,8 @@ from towerctl.config import Pricing, RequestLimits
 from towerctl.db import classify
 from towerctl.errors import BadInput, ExitCode, NotServed, TowerError, WriteFailed, error_for
 from towerctl.lease import SessionLease, hold_seconds
-from towerctl.session_requests import RequestChain, run_request, unrecorded_refusal
+from towerctl.request_chain import RequestChain
+from towerctl.session_requests import serve_request, unrecorded_refusal
 
 if TYPE_CHECKING:
     import psycopg
@@ -137,7 +138,8 @@ def run_batch(
             session_id,
             hold_seconds=hold_seconds(agent.name, limits.agent_timeout_seconds),
             wait_seconds=limits.busy_wait_seconds,
-        )
+        ),
+        ahead=agent.instant,
     )
     with chain.lease:
         return _run(chain, lines, agent, emit, reader_gone, pricing, limits)
@@ -174,12 +176,12 @@ def _run(
                 if reader_gone():  # nobody would read this outcome: do not run it
                     raise _output_lost(summary, "the reader of the output went away", outbox)
                 chain.durable = not (agent.instant and outbox.may_wait() and more_waiting())
-                doc, state = _serve(chain, item, agent, pricing, limits)
+                served = _serve(chain, item, agent, pricing, limits)
             except BadInput as error:
                 raise _stopped(summary, number, str(error)) from None
-            summary.counts[state] += 1
-            summary.worst = max(summary.worst, ExitCode(doc["exitCode"]))
-            outbox.add(doc)
+            outbox.collect()  # lines before it whose writes ran ahead
+            if served is not None:
+                outbox.add(*served)
         outbox.settle()
     except BaseException as error:
         raise outbox.stopped(error) from None
@@ -207,15 +209,26 @@ class Outbox:
             return True
         return len(self.waiting) < BURST_LINES and time.monotonic() - self.since < BURST_SECONDS
 
-    def add(self, doc: dict[str, Any]) -> None:
+    def add(self, doc: dict[str, Any], state: str) -> None:
+        self.summary.counts[state] += 1
+        self.summary.worst = max(self.summary.worst, ExitCode(doc["exitCode"]))
         if not self.waiting:
             self.since = time.monotonic()
         self.waiting.append(doc)
         if not self.chain.unsettled:
             self._write_out()
 
+    def collect(self) -> None:
+        """Take the outcomes of the writes that ran ahead and finished, in order."""
+        done, self.chain.done = self.chain.done, []
+        for outcome in done:
+            self.add(outcome.as_json(), outcome.state)
+
     def settle(self) -> None:
-        """Wait for the disk if a write did not, then write every waiting line."""
+        """Finish the write that runs ahead, wait for the disk if a write did not, then
+        write every waiting line."""
+        self.chain.catch_up()
+        self.collect()
         if self.waiting:
             self.chain.settle()
             self._write_out()
@@ -223,13 +236,15 @@ class Outbox:
     def stopped(self, error: BaseException) -> BaseException:
         """The error a stopped batch raises: the burst before it settled and written,
         or, when that is not possible, the error saying what is unanswered."""
-        if not self.waiting or isinstance(error, WriteFailed):
+        if isinstance(error, WriteFailed):
             return error
         try:
             self.settle()
         except WriteFailed as failed:
             return failed
         except Exception:
+            if not self.waiting:
+                return error
             known = error if isinstance(error, TowerError) else classify(error)
             if known is None:
                 return error
@@ -259,10 +274,11 @@ def _serve(
     agent: Agent,
     pricing: Pricing,
     limits: RequestLimits,
-) -> tuple[dict[str, Any], str]:
+) -> tuple[dict[str, Any], str] | None:
+    """The line's outcome and state; None while its write runs ahead."""
     session_id = chain.lease.session_id
     try:
-        outcome = run_request(
+        outcome = serve_request(
             chain.lease.conn,
             session_id,
             item.message,
@@ -274,7 +290,7 @@ def _serve(
         )
     except NotServed as refused:  # not recorded: paused, expired, busy
         return unrecorded_refusal(session_id, str(refused)), "rejected"
-    return outcome.as_json(), outcome.state
+    return None if outcome is None else (outcome.as_json(), outcome.state)
 
 
 def _stopped(summary: BatchSummary, number: int, problem: str) -> Exception:

@@ -1,0 +1,213 @@
+"""The write of one session request's outcome (migration 0012's
+`towerctl_write_request`): the request row, the debit, the balance and both messages,
+and the lease given back (or, in a batch, kept), in one statement; and the outcome
+as the contract shows it (`RequestOutcome`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from towerctl.agents import AgentReply
+from towerctl.config import Pricing
+from towerctl.errors import ExitCode, NotServed
+from towerctl.lease import MARGIN_SECONDS, LeaseLost, SessionLease
+from towerctl.request_chain import History, RequestChain, Start
+from towerctl.request_rules import message_digest, tokens
+
+if TYPE_CHECKING:
+    import psycopg
+
+# The outcome's write (migration 0012, after 0011's): the request row, the debit, the
+# balance and both messages, only while this request holds the lease (no row otherwise);
+# the lease given back, or, in a batch (renew), kept for the next request with the
+# state and history it needs: (id, debited, balance after, state, kept, three arrays).
+# Its commit waits for the disk unless `commit` is 'off' (a batch's burst, below): that
+# setting is LOCAL to the request's own transaction, so nothing outlives it, behind a
+# transaction-pooling PgBouncer too.
+RECORD = """
+SELECT w.*, set_config('synchronous_commit',
+                       coalesce(%(commit)s::text, current_setting('synchronous_commit')), true)
+FROM towerctl_write_request(
+    %(sid)s::uuid, %(me)s::uuid, %(state)s::text, %(agent)s::text, %(reason)s::text,
+    %(error)s::text, %(in)s::integer, %(out)s::integer, %(cost)s::bigint, %(key)s::text,
+    %(digest)s::text, %(pause)s::boolean, %(floor)s::bigint, %(user)s::text,
+    %(user_tokens)s::integer, %(reply)s::text, %(reply_tokens)s::integer,
+    %(renew)s::float8, %(context)s::integer) AS w"""
+GONE = "SELECT 1 FROM sessions WHERE id = %s"
+
+
+def history(roles: list[str] | None, contents: list[str], counts: list[int]) -> History:
+    return list(zip(roles, contents, counts, strict=True)) if roles else []
+
+
+class Guessed(Exception):
+    """The start a request was prepared from (the write before it ran ahead) proved wrong."""
+
+
+@dataclass(frozen=True)
+class RequestOutcome:
+    request_id: int | None
+    session_id: UUID
+    state: str  # complete | rejected | failed
+    result: str | None
+    reason: str | None
+    error_message: str | None
+    debited_sats: int
+    balance_remaining: int | None
+    input_tokens: int
+    output_tokens: int
+    replayed: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "requestId": self.request_id,
+            "sessionId": str(self.session_id),
+            "state": self.state,
+            "result": self.result,
+            "reason": self.reason,
+            "errorMessage": self.error_message,
+            "debitedSats": self.debited_sats,
+            "balanceRemaining": self.balance_remaining,
+            "inputTokens": self.input_tokens,
+            "outputTokens": self.output_tokens,
+            "replayed": self.replayed,
+            "exitCode": int(self.exit_code),
+        }
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return OUTCOME_CODES[self.state]
+
+
+OUTCOME_CODES = {
+    "complete": ExitCode.OK,
+    "rejected": ExitCode.NOT_SERVED,
+    "failed": ExitCode.AGENT_FAILED,
+}
+
+
+def record(
+    conn: psycopg.Connection,
+    lease: SessionLease[Any],
+    message: str,
+    reply: AgentReply,
+    *,
+    agent: str,
+    key: str | None,
+    input_tokens: int,
+    output_tokens: int,
+    cost: int,
+    pause: bool,
+    pricing: Pricing,
+    context: int,
+    chain: RequestChain | None,
+    start: Start,
+) -> RequestOutcome | None:
+    """Write the outcome and release (or, in a chain, keep) the lease, in one statement;
+    nothing when it was lost. None: the write runs ahead (`RequestChain`); its outcome
+    joins `chain.done` when the chain catches up."""
+    if chain is not None and not chain.catch_up():
+        raise Guessed()
+    reason = reply.text if reply.state == "rejected" else None
+    error = reply.text if reply.state == "failed" else None
+    params = lease.params | {
+        "state": reply.state,
+        "agent": agent,
+        "reason": reason,
+        "error": error,
+        "in": input_tokens,
+        "out": output_tokens,
+        "cost": cost if reply.state == "complete" else 0,
+        "key": key,
+        "digest": message_digest(message),
+        "pause": pause,
+        "floor": pricing.eval_fee_sats + 1,
+        "user": message,
+        "user_tokens": tokens(message),
+        "reply": reply.text,
+        "reply_tokens": tokens(reply.text),
+        "renew": lease.hold_seconds if chain is not None else None,
+        "context": context,
+        "commit": None if chain is None or chain.durable else "off",
+    }
+    sent = time.monotonic()
+    durable = chain is None or chain.durable
+
+    def finish(row: Sequence[Any] | None) -> RequestOutcome:
+        return _recorded(conn, lease, row, sent, durable, reply, reason, error, params, chain)
+
+    if chain is not None and chain.ahead and not durable:
+        chain.run_ahead(
+            lambda: conn.execute(RECORD, params).fetchone(), finish, _left_by(start, params)
+        )
+        return None
+    return finish(conn.execute(RECORD, params).fetchone())
+
+
+def _left_by(start: Start, params: dict[str, Any]) -> Start | None:
+    """The start a write leaves for the next request when it keeps the lease, by the
+    write's own rules (towerctl_write_request); None when it would not keep it."""
+    state, balance, recent = start
+    debited = min(params["cost"], balance) if params["state"] == "complete" else 0
+    after = balance - debited
+    if state != "active" or params["pause"] or after < params["floor"]:
+        return None
+    written = [
+        (role, content, count)
+        for role, content, count in (
+            ("assistant", params["reply"], params["reply_tokens"]),
+            ("user", params["user"], params["user_tokens"]),
+        )
+        if content != ""
+    ]
+    return ("active", after, (written + recent)[: params["context"]])
+
+
+def _recorded(
+    conn: psycopg.Connection,
+    lease: SessionLease[Any],
+    row: Sequence[Any] | None,
+    sent: float,
+    durable: bool,
+    reply: AgentReply,
+    reason: str | None,
+    error: str | None,
+    params: dict[str, Any],
+    chain: RequestChain | None,
+) -> RequestOutcome:
+    """The outcome of a write's row (None: the lease was lost, nothing written)."""
+    session_id = lease.session_id
+    if row is None:
+        lease.released()  # lost to another request
+        if conn.execute(GONE, (session_id,)).fetchone() is None:
+            raise NotServed(f"session {session_id} is gone")
+        raise LeaseLost(
+            f"session {session_id}: this request's lease ran out before its outcome was "
+            "written, and another request holds the session now; nothing was recorded "
+            "or charged",
+            hint=f"the lease lasts the agent deadline + {MARGIN_SECONDS:g}s; retry",
+        )
+    rid, debited, balance_after, state, kept, roles, contents, counts, _commit = row
+    if chain is not None:
+        chain.unsettled = not durable
+    if kept and chain is not None:
+        lease.kept(sent)
+        chain.next_start = (state, balance_after, history(roles, contents, counts))
+    else:
+        lease.released()  # by the statement above
+    return RequestOutcome(
+        request_id=rid,
+        session_id=session_id,
+        state=reply.state,
+        result=reply.text if reply.state == "complete" else None,
+        reason=reason,
+        error_message=error,
+        debited_sats=debited,
+        balance_remaining=balance_after,
+        input_tokens=params["in"],
+        output_tokens=params["out"],
+    )
