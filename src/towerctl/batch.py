@@ -142,7 +142,10 @@ def run_batch(
         ahead=agent.instant,
     )
     with chain.lease:
-        return _run(chain, lines, agent, emit, reader_gone, pricing, limits)
+        try:
+            return _run(chain, lines, agent, emit, reader_gone, pricing, limits)
+        finally:
+            chain.drain()  # before the lease is given back on the same connection
 
 
 def _run(

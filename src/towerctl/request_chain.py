@@ -5,8 +5,8 @@ with what that request needs (state, balance, history), so it starts without a r
 trip. A kept lease is given back when the chain ends (`with chain.lease:`), or runs
 out on its own.
 
-With an instant agent (echo) a write may also run *ahead*: it is sent from a worker
-thread while the next request is prepared (its context, the agent, its cost) from the
+With an instant agent (echo) a write may also run *ahead*: it is sent without waiting
+for its row while the next request is prepared (its context, the agent, its cost) from the
 start that write will leave if it keeps the lease, as the write's own rules say it
 (`Start` guessed by the caller). That request's write is sent only after the one
 before it is finished and its start proved exactly the guess; otherwise the request
@@ -17,8 +17,7 @@ is in flight.
 
 from __future__ import annotations
 
-import threading
-import time
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -42,7 +41,7 @@ class RequestChain:
         self.durable = True
         self.unsettled = False
         self.done: list[Any] = []  # outcomes of writes that ran ahead, oldest first
-        self._worker: _Worker | None = None
+        self._receive: Callable[[], Any] | None = None
         self._finish: Callable[[Any], Any] | None = None
         self._guess: Start | None = None
         self._used: Start | None = None
@@ -59,15 +58,16 @@ class RequestChain:
         return start if start is not None and self.lease.still_kept() else None
 
     def run_ahead(
-        self, call: Callable[[], Any], finish: Callable[[Any], Any], guess: Start | None
+        self,
+        send: Callable[[], Callable[[], Any]],
+        finish: Callable[[Any], Any],
+        guess: Start | None,
     ) -> None:
-        """Start `call` (a write) on the worker; `finish(row)` turns its row into the
-        outcome at `catch_up`; `guess` is the start it leaves for the next request."""
-        if self._worker is None:
-            self._worker = _Worker()
+        """Send a write without waiting for it: `send()` returns the call that reads its
+        row; `finish(row)` turns the row into the outcome at `catch_up`; `guess` is the
+        start the write leaves for the next request."""
+        self._receive = send()
         self._finish, self._guess = finish, guess
-        self._worker.submit(call)
-        time.sleep(0)  # hand the worker the interpreter: it sends the write now
 
     def catch_up(self) -> bool:
         """Finish the write that runs ahead, if any (its outcome joins `done`); False when
@@ -75,9 +75,10 @@ class RequestChain:
         if self._finish is None:
             return True
         finish, self._finish, self._guess = self._finish, None, None
+        receive, self._receive = self._receive, None
         used, self._used = self._used, None
-        assert self._worker is not None
-        self.done.append(finish(self._worker.result()))
+        assert receive is not None
+        self.done.append(finish(receive()))
         if used is None:
             return True
         if self.next_start == used and self.lease.still_kept():
@@ -85,45 +86,17 @@ class RequestChain:
             return True
         return False
 
+    def drain(self) -> None:
+        """Read a write still running ahead to its end (its outcome is lost: the batch is
+        stopping), so that the connection can be used again."""
+        if self._receive is not None:
+            receive, self._receive, self._finish = self._receive, None, None
+            with contextlib.suppress(Exception):
+                receive()
+
     def settle(self) -> None:
         """Return once every write of the chain is on disk."""
         self.catch_up()
         if self.unsettled:
             self.lease.conn.execute(SETTLE)
             self.unsettled = False
-
-
-class _Worker:
-    """One daemon thread that runs one call at a time (it never keeps the process
-    alive: a batch that ends, however it ends, does not wait for it)."""
-
-    def __init__(self) -> None:
-        self._call: Callable[[], Any] | None = None
-        self._result: Any = None
-        self._error: BaseException | None = None
-        self._go, self._done = threading.Event(), threading.Event()
-        threading.Thread(target=self._loop, name="towerctl-write", daemon=True).start()
-
-    def submit(self, call: Callable[[], Any]) -> None:
-        self._call = call
-        self._done.clear()
-        self._go.set()
-
-    def result(self) -> Any:
-        self._done.wait()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-        return self._result
-
-    def _loop(self) -> None:
-        while True:
-            self._go.wait()
-            self._go.clear()
-            call, self._call = self._call, None
-            try:
-                assert call is not None
-                self._result = call()
-            except BaseException as error:  # handed to the caller of result()
-                self._result, self._error = None, error
-            self._done.set()

@@ -5,8 +5,10 @@ as the contract shows it (`RequestOutcome`)."""
 
 from __future__ import annotations
 
+import re
+import select
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -38,6 +40,15 @@ FROM towerctl_write_request(
     %(user_tokens)s::integer, %(reply)s::text, %(reply_tokens)s::integer,
     %(renew)s::float8, %(context)s::integer) AS w"""
 GONE = "SELECT 1 FROM sessions WHERE id = %s"
+# RECORD's parameters in order, for a write sent straight on libpq (`send_ahead`).
+RECORD_PARAMS = (
+    "sid", "me", "state", "agent", "reason", "error", "in", "out", "cost", "key", "digest",
+    "pause", "floor", "user", "user_tokens", "reply", "reply_tokens", "renew", "context",
+    "commit",
+)  # fmt: skip
+RECORD_AHEAD = re.sub(
+    r"%\((\w+)\)s", lambda m: f"${RECORD_PARAMS.index(m.group(1)) + 1}", RECORD
+).encode()
 
 
 def history(roles: list[str] | None, contents: list[str], counts: list[int]) -> History:
@@ -141,11 +152,57 @@ def record(
         return _recorded(conn, lease, row, sent, durable, reply, reason, error, params, chain)
 
     if chain is not None and chain.ahead and not durable:
-        chain.run_ahead(
-            lambda: conn.execute(RECORD, params).fetchone(), finish, _left_by(start, params)
-        )
+        chain.run_ahead(lambda: send_ahead(conn, params), finish, _left_by(start, params))
         return None
     return finish(conn.execute(RECORD, params).fetchone())
+
+
+def send_ahead(conn: psycopg.Connection, params: dict[str, Any]) -> Callable[[], Any]:
+    """Send RECORD straight on libpq, without waiting for its row; returns the call that
+    reads the row (None: no row), raising as `execute` would. Nothing else may use the
+    connection in between (`RequestChain` reads it before anything else is sent)."""
+    pgconn, encoding = conn.pgconn, conn.info.encoding
+    pgconn.send_query_params(
+        RECORD_AHEAD, [_text(params[name], encoding) for name in RECORD_PARAMS]
+    )
+    while pgconn.flush():
+        readable, _, _ = select.select([pgconn.socket], [pgconn.socket], [])
+        if readable:
+            pgconn.consume_input()
+
+    def receive() -> Any:
+        from psycopg import OperationalError, pq
+        from psycopg.adapt import Transformer
+        from psycopg.errors import error_from_result
+
+        results = []
+        while True:
+            while pgconn.is_busy():
+                select.select([pgconn.socket], [], [])
+                pgconn.consume_input()
+            result = pgconn.get_result()
+            if result is None:
+                break
+            results.append(result)
+        if not results or pgconn.status != pq.ConnStatus.OK:
+            raise OperationalError("the server closed the connection unexpectedly")
+        for result in results:
+            if result.status == pq.ExecStatus.FATAL_ERROR:
+                raise error_from_result(result, encoding=encoding)
+        rows = Transformer(conn)
+        rows.set_pgresult(results[0])
+        return rows.load_row(0, tuple) if results[0].ntuples else None
+
+    return receive
+
+
+def _text(value: Any, encoding: str) -> bytes | None:
+    """A parameter as PostgreSQL's text input (RECORD casts every one)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return b"t" if value else b"f"
+    return str(value).encode(encoding)
 
 
 def _left_by(start: Start, params: dict[str, Any]) -> Start | None:
