@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import psycopg
+import psycopg.sql
 
 PER_SESSION = {"session_requests", "balance_ledger", "session_messages", "session_history_clears"}
 SESSION_LESS = {
@@ -80,3 +81,29 @@ def test_every_per_session_table_has_a_primary_key_starting_with_session_id(
     for table in PER_SESSION:
         assert pkeys[table][0] == "session_id", table
     assert pkeys["sessions"] == ["id"]
+
+
+def test_a_fresh_stores_foreign_key_checks_use_the_request_key(conn: psycopg.Connection) -> None:
+    """0013/0014: with no statistics yet (a new store), the foreign-key checks of a request's
+    debit and messages look the request up by its primary key; an index also led by
+    session_id (0004's idempotency constraint) had them read every earlier request."""
+    row = conn.execute(
+        "INSERT INTO sessions (state, balance_sats) VALUES ('active', 1000) RETURNING id"
+    ).fetchone()
+    assert row is not None
+    sid = row[0]
+    for _ in range(20):
+        conn.execute(
+            "INSERT INTO session_requests (session_id, state, agent, input_tokens,"
+            " output_tokens, cost_sats, debited_sats, balance_after_sats)"
+            " VALUES (%s, 'complete', 'echo', 1, 1, 0, 0, 1000)",
+            (sid,),
+        )
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+    conn.execute(
+        "PREPARE fk_check (uuid, bigint) AS SELECT 1 FROM ONLY session_requests x"
+        " WHERE session_id = $1 AND id = $2 FOR KEY SHARE OF x"
+    )
+    explain = psycopg.sql.SQL("EXPLAIN EXECUTE fk_check ({}, 1)").format(str(sid))
+    plan = "\n".join(line for (line,) in conn.execute(explain).fetchall())
+    assert "session_requests_pkey" in plan, plan
