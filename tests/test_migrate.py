@@ -541,3 +541,53 @@ def test_repair_accepts_cosmetic_changes_only_unless_forced(
         "--database-url", empty_db_url, "migrate", "status", "--dir", str(folder), "--check"
     )
     assert check.exit_code == ExitCode.OK
+
+
+def _bare_migrate(env: dict[str, str]) -> tuple[int, str, str, bool]:
+    """`towerctl migrate` alone, as a deploy runs it: exit code, stdout, stderr, and whether
+    the command-line parser (typer) was loaded."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\nfrom towerctl.console import main\nsys.argv = ['towerctl', 'migrate']\n"
+        "try:\n    main()\nfinally:\n"
+        "    open('typer.flag', 'w').write(str('typer' in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, **env},
+        cwd=env["TOWER_HOME"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    loaded = (Path(env["TOWER_HOME"]) / "typer.flag").read_text() == "True"
+    return done.returncode, done.stdout, done.stderr, loaded
+
+
+@pytest.mark.timeout(180)
+def test_a_bare_migrate_answers_an_up_to_date_database_without_the_parser(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"TOWER_DATABASE_URL": empty_db_url, "TOWER_HOME": str(home), "NO_COLOR": "1"}
+    code, out, err, parser = _bare_migrate(env)  # a fresh database: the full command applies
+    assert code == ExitCode.OK and "applied" in err and parser, err
+    code, out, err, parser = _bare_migrate(env)
+    assert (code, out, err, parser) == (ExitCode.OK, "", "up to date: nothing to apply\n", False)
+    folder = tmp_path / "more"
+    folder.mkdir()
+    for packaged in migrations.default_dir().glob("*.sql"):
+        write(folder, packaged.name, packaged.read_text())
+    write(folder, "9001_more.sql", "CREATE TABLE more_things (id int);\n")
+    code, out, err, parser = _bare_migrate({**env, "TOWER_MIGRATIONS_DIR": str(folder)})
+    assert code == ExitCode.OK and "applied 9001_more.sql" in err and parser, err
+    (folder / "9001_more.sql").write_text("CREATE TABLE more_things (id bigint);\n")  # drift
+    code, out, err, parser = _bare_migrate({**env, "TOWER_MIGRATIONS_DIR": str(folder)})
+    assert code == ExitCode.MIGRATION and err.count("\n") == 1 and "9001_more.sql" in err, err
+    bad = {**env, "TOWER_DATABASE_URL": "postgresql://nobody:secret@127.0.0.1:1/none"}
+    code, out, err, parser = _bare_migrate(bad)
+    assert code == ExitCode.UNREACHABLE and err.count("\n") == 1 and "secret" not in err, err
