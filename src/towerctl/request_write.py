@@ -121,8 +121,6 @@ def record(
     """Write the outcome and release (or, in a chain, keep) the lease, in one statement;
     nothing when it was lost. None: the write runs ahead (`RequestChain`); its outcome
     joins `chain.done` when the chain catches up."""
-    if chain is not None and not chain.catch_up():
-        raise Guessed()
     reason = reply.text if reply.state == "rejected" else None
     error = reply.text if reply.state == "failed" else None
     params = lease.params | {
@@ -145,6 +143,10 @@ def record(
         "context": context,
         "commit": None if chain is None or chain.durable else "off",
     }
+    # The write before this one (running ahead) is finished first; the parameters above
+    # were built meanwhile (they need nothing of its row).
+    if chain is not None and not chain.catch_up():
+        raise Guessed()
     sent = time.monotonic()
     durable = chain is None or chain.durable
 

@@ -9,8 +9,6 @@ failures; a misconfigured agent spec is refused before anything is written.
 from __future__ import annotations
 
 import os
-import shlex
-import shutil
 
 from towerctl import bounds
 from towerctl.agents.base import (
@@ -23,8 +21,6 @@ from towerctl.agents.base import (
     agent_environment,
     clean,
 )
-from towerctl.agents.exec_agent import ExecAgent
-from towerctl.agents.openai_agent import OpenAIAgent
 from towerctl.errors import BadInput
 
 __all__ = [
@@ -34,8 +30,6 @@ __all__ = [
     "AgentReply",
     "ChatMessage",
     "EchoAgent",
-    "ExecAgent",
-    "OpenAIAgent",
     "agent_environment",
     "agent_from_spec",
     "clean",
@@ -63,7 +57,12 @@ def agent_from_spec(
     spec = (spec or os.environ.get("TOWER_AGENT") or "echo").strip()
     if spec == "echo":
         return EchoAgent()
-    if spec.startswith("exec:"):
+    if spec.startswith("exec:"):  # each agent's module is loaded only when it is used
+        import shlex
+        import shutil
+
+        from towerctl.agents.exec_agent import ExecAgent
+
         try:
             argv = tuple(shlex.split(spec[5:]))
         except ValueError as error:
@@ -74,6 +73,8 @@ def agent_from_spec(
             raise BadInput(f"--agent exec: program not found or not executable: {argv[0]}")
         return ExecAgent(argv, timeout, bounds.reply_output_bytes(max_reply_chars))
     if spec.startswith("openai:"):
+        from towerctl.agents.openai_agent import OpenAIAgent
+
         base_url = spec[7:].strip()
         if not _valid_http_url(base_url):
             raise BadInput("--agent openai: needs a base URL, e.g. openai:https://api.example/v1")
