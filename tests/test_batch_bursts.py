@@ -99,6 +99,40 @@ def test_each_answer_comes_before_the_next_line_is_sent(
             proc.wait()
 
 
+@pytest.mark.timeout(90)
+def test_a_burst_ends_when_the_lines_after_it_write_nothing(
+    tower_env: dict[str, str], cli: CLI
+) -> None:
+    """A co-process that sends a line with a blank line after it, or a line whose key is
+    replayed right after it, and then waits, gets every answer: the burst is settled
+    before towerctl waits for input again."""
+    s = open_session(cli, 1_000_000)
+    proc = subprocess.Popen(
+        [*faults.TOWERCTL, "session", "request", s.id, "--batch", "--macaroon", s.macaroon],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(b'{"message": "one"}\n\n')
+        proc.stdin.flush()
+        assert json.loads(_read_line(proc.stdout.fileno(), 20))["result"] == "one"
+        keyed = b'{"message": "two", "idempotencyKey": "k2"}\n'
+        proc.stdin.write(keyed + keyed)
+        proc.stdin.flush()
+        first = json.loads(_read_line(proc.stdout.fileno(), 20))
+        again = json.loads(_read_line(proc.stdout.fileno(), 20))
+        assert (first["replayed"], again["replayed"]) == (False, True)
+        assert again["requestId"] == first["requestId"]
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == ExitCode.OK
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # --- every printed outcome is on disk -----------------------------------------------------
 
 

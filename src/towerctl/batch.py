@@ -164,6 +164,8 @@ def _run(
     number = 0
     try:
         while True:
+            if outbox.pending() and not (outbox.may_wait() and more_waiting()):
+                outbox.settle()  # the input pauses or the burst is full: its lines go out
             try:
                 number, raw = next(numbered)
             except StopIteration:
@@ -171,6 +173,7 @@ def _run(
             except bounds.LineTooLong:
                 number += 1
                 too_long = f"longer than {limits.batch_line_bytes:,} bytes"
+                outbox.settle()  # the lines before it count in the message and exit code
                 raise _stopped(summary, number, too_long) from None
             try:
                 item = parse_batch_line(raw, limits)
@@ -181,6 +184,7 @@ def _run(
                 chain.durable = not (agent.instant and outbox.may_wait() and more_waiting())
                 served = _serve(chain, item, agent, pricing, limits)
             except BadInput as error:
+                outbox.settle()
                 raise _stopped(summary, number, str(error)) from None
             outbox.collect()  # lines before it whose writes ran ahead
             if served is not None:
@@ -221,10 +225,14 @@ class Outbox:
         if not self.chain.unsettled:
             self._write_out()
 
+    def pending(self) -> bool:
+        """Whether a line is recorded but not yet written, or its write still runs."""
+        return bool(self.waiting) or self.chain.in_flight()
+
     def collect(self) -> None:
         """Take the outcomes of the writes that ran ahead and finished, in order."""
-        done, self.chain.done = self.chain.done, []
-        for outcome in done:
+        while self.chain.done:
+            outcome = self.chain.done.pop(0)
             self.add(outcome.as_json(), outcome.state)
 
     def settle(self) -> None:
@@ -304,7 +312,8 @@ def _stopped(summary: BatchSummary, number: int, problem: str) -> Exception:
 
 
 def _output_lost(summary: BatchSummary, reason: str, outbox: Outbox) -> WriteFailed:
-    unwritten = len(outbox.waiting)
+    chain = outbox.chain  # written or not, a line whose write ran ahead is recorded
+    unwritten = len(outbox.waiting) + len(chain.done) + int(chain.in_flight())
     recorded = (
         "; one more was recorded but its outcome not written"
         if unwritten == 1

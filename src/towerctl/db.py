@@ -14,6 +14,7 @@ from towerctl.errors import DatabaseUnreachable, MigrationError, TowerError
 if TYPE_CHECKING:
     import psycopg
     from psycopg import Connection as Connection  # for layers above that must not import psycopg
+    from psycopg import pq
 
 
 def describe(url: str) -> str:
@@ -120,3 +121,20 @@ def connect(url: str, *, application_name: str = "towerctl") -> psycopg.Connecti
             hint="check --database-url / TOWER_DATABASE_URL",
         ) from None
     return conn
+
+
+def results_of_query_in_flight(conn: psycopg.Connection) -> list[pq.abc.PGresult]:
+    """Every result of the query sent straight on libpq (`conn.pgconn`), read to its end,
+    so that the connection can take the next one (empty: the connection was lost)."""
+    import select
+
+    pgconn = conn.pgconn
+    results: list[pq.abc.PGresult] = []
+    while True:
+        while pgconn.is_busy():
+            select.select([pgconn.socket], [], [])
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        if result is None:
+            return results
+        results.append(result)

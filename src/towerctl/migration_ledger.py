@@ -288,16 +288,12 @@ def _end_early(conn: psycopg.Connection, *, commit: bool) -> bool:
     """Read the early transaction's results and end it; whether it committed."""
     from psycopg import pq
 
+    from towerctl.db import results_of_query_in_flight
+
     pgconn = conn.pgconn
-    failed = False
-    while True:
-        while pgconn.is_busy():
-            select.select([pgconn.socket], [], [])
-            pgconn.consume_input()
-        result = pgconn.get_result()
-        if result is None:
-            break
-        failed = failed or result.status == pq.ExecStatus.FATAL_ERROR
+    failed = any(
+        result.status == pq.ExecStatus.FATAL_ERROR for result in results_of_query_in_flight(conn)
+    )
     open_ = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
     if pgconn.transaction_status not in open_:
         return False  # the connection was lost: `ensure_ledger` reports it

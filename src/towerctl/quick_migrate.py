@@ -2,8 +2,8 @@
 nothing: the call a deploy makes on every start. It is answered without loading the
 command-line parser (typer and click, about a tenth of that call's time), by the same
 functions and with the same line as the full command. Anything else (a file to apply, a
-refusal, an error, no database configured) is left to the full command, which checks
-and says it all again."""
+refusal, an error other than an unreachable database, no database configured) is left
+to the full command, which checks and says it all again."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ UP_TO_DATE = "up to date: nothing to apply"
 def answered() -> bool:
     """True when the database was up to date and that was said; False: run the full command."""
     from towerctl import config
+    from towerctl.errors import DatabaseUnreachable
 
     url = config.database_url(None)
     if not url:
@@ -31,6 +32,11 @@ def answered() -> bool:
     except KeyboardInterrupt:
         sys.stderr.write("towerctl: interrupted\n")
         raise SystemExit(130) from None
+    except DatabaseUnreachable as error:  # said here: the full command would try again
+        from towerctl.sanitize import for_diagnostic
+
+        sys.stderr.write(f"towerctl: {for_diagnostic(str(error))}\n")
+        raise SystemExit(int(error.exit_code)) from None
     except Exception:  # said properly by the full command
         return False
     if pending:

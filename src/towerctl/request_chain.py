@@ -26,9 +26,10 @@ from towerctl.lease import SessionLease
 History = list[tuple[str, str, int]]  # (role, content, tokens), newest first
 Start = tuple[str, int, History]  # state, balance, history: what a request starts from
 
-# A commit that waits for the disk waits for every commit before it: a transaction with
-# an id of its own (and nothing else) settles a burst of writes that did not wait.
-SETTLE = "SELECT pg_current_xact_id()"
+# A commit that waits for the disk waits for every commit before it. The server waits
+# only when the transaction wrote WAL (an id alone writes none: its commit would not
+# wait), so a burst is settled by a write that changes nothing: the session row again.
+SETTLE = "UPDATE sessions SET last_activity_at = last_activity_at WHERE id = %s"
 
 
 class RequestChain:
@@ -74,17 +75,20 @@ class RequestChain:
         the start guessed for the request after it proved wrong."""
         if self._finish is None:
             return True
-        finish, self._finish, self._guess = self._finish, None, None
-        receive, self._receive = self._receive, None
+        assert self._receive is not None
+        row = self._receive()  # kept until it returns: `drain` reads an interrupted one
+        finish, self._finish, self._guess, self._receive = self._finish, None, None, None
         used, self._used = self._used, None
-        assert receive is not None
-        self.done.append(finish(receive()))
+        self.done.append(finish(row))
         if used is None:
             return True
         if self.next_start == used and self.lease.still_kept():
             self.next_start = None  # taken by the request that guessed it
             return True
         return False
+
+    def in_flight(self) -> bool:
+        return self._receive is not None
 
     def drain(self) -> None:
         """Read a write still running ahead to its end (its outcome is lost: the batch is
@@ -98,5 +102,5 @@ class RequestChain:
         """Return once every write of the chain is on disk."""
         self.catch_up()
         if self.unsettled:
-            self.lease.conn.execute(SETTLE)
+            self.lease.conn.execute(SETTLE, (self.lease.session_id,))
             self.unsettled = False

@@ -5,6 +5,7 @@ as the contract shows it (`RequestOutcome`)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import select
 import time
@@ -101,6 +102,22 @@ OUTCOME_CODES = {
 }
 
 
+def refusal(session_id: UUID, reason: str) -> RequestOutcome:
+    """A request refused without being recorded: no request id, `rejected`, exit code 5."""
+    return RequestOutcome(
+        request_id=None,
+        session_id=session_id,
+        state="rejected",
+        result=None,
+        reason=reason,
+        error_message=None,
+        debited_sats=0,
+        balance_remaining=None,
+        input_tokens=0,
+        output_tokens=0,
+    )
+
+
 def record(
     conn: psycopg.Connection,
     lease: SessionLease[Any],
@@ -153,8 +170,17 @@ def record(
     def finish(row: Sequence[Any] | None) -> RequestOutcome:
         return _recorded(conn, lease, row, sent, durable, reply, reason, error, params, chain)
 
+    def finish_ahead(row: Sequence[Any] | None) -> RequestOutcome:
+        """As `finish`, for a write read while the next line is being served: a refusal
+        (its lease was lost, the session is gone) is this line's outcome, not an error
+        of the next one."""
+        try:
+            return finish(row)
+        except NotServed as refused:
+            return refusal(lease.session_id, str(refused))
+
     if chain is not None and chain.ahead and not durable:
-        chain.run_ahead(lambda: send_ahead(conn, params), finish, _left_by(start, params))
+        chain.run_ahead(lambda: send_ahead(conn, params), finish_ahead, _left_by(start, params))
         return None
     return finish(conn.execute(RECORD, params).fetchone())
 
@@ -177,15 +203,15 @@ def send_ahead(conn: psycopg.Connection, params: dict[str, Any]) -> Callable[[],
         from psycopg.adapt import Transformer
         from psycopg.errors import error_from_result
 
-        results = []
-        while True:
-            while pgconn.is_busy():
-                select.select([pgconn.socket], [], [])
-                pgconn.consume_input()
-            result = pgconn.get_result()
-            if result is None:
-                break
-            results.append(result)
+        from towerctl.db import results_of_query_in_flight
+
+        try:
+            results = results_of_query_in_flight(conn)
+        except KeyboardInterrupt:  # as psycopg does: cancel, and read the query to its end
+            with contextlib.suppress(Exception):
+                pgconn.get_cancel().cancel()
+                results_of_query_in_flight(conn)
+            raise
         if not results or pgconn.status != pq.ConnStatus.OK:
             raise OperationalError("the server closed the connection unexpectedly")
         for result in results:
@@ -199,12 +225,13 @@ def send_ahead(conn: psycopg.Connection, params: dict[str, Any]) -> Callable[[],
 
 
 def _text(value: Any, encoding: str) -> bytes | None:
-    """A parameter as PostgreSQL's text input (RECORD casts every one)."""
+    """A parameter as PostgreSQL's text input (RECORD casts every one), encoded as psycopg
+    encodes text (UTF-8 for a SQL_ASCII database)."""
     if value is None:
         return None
     if isinstance(value, bool):
         return b"t" if value else b"f"
-    return str(value).encode(encoding)
+    return str(value).encode("utf-8" if encoding == "ascii" else encoding)
 
 
 def _left_by(start: Start, params: dict[str, Any]) -> Start | None:

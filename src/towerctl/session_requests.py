@@ -40,7 +40,7 @@ from towerctl.request_rules import (
     validate_idempotency_key,
     validate_message,
 )
-from towerctl.request_write import Guessed, RequestOutcome, history, record
+from towerctl.request_write import Guessed, RequestOutcome, history, record, refusal
 
 if TYPE_CHECKING:
     import psycopg
@@ -57,18 +57,7 @@ SELECT * FROM towerctl_take_request(%(sid)s::uuid, %(me)s::uuid, %(hold)s::float
 def unrecorded_refusal(session_id: UUID, reason: str) -> dict[str, Any]:
     """The outcome document of a request refused without being recorded (paused, expired,
     awaiting payment, busy, lease lost): no request id, state `rejected`, exit code 5."""
-    return RequestOutcome(
-        request_id=None,
-        session_id=session_id,
-        state="rejected",
-        result=None,
-        reason=reason,
-        error_message=None,
-        debited_sats=0,
-        balance_remaining=None,
-        input_tokens=0,
-        output_tokens=0,
-    ).as_json()
+    return refusal(session_id, reason).as_json()
 
 
 def _replay(session_id: UUID, message: str, key: str, row: Sequence[Any]) -> RequestOutcome | None:
