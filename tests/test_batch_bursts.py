@@ -3,19 +3,22 @@ line is written only once its request is on disk (towerctl.batch.Outbox)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 import faults
-from conftest import CLI, ROOT_KEY_HEX, open_session
+from conftest import CLI, ROOT_KEY_HEX, OpenedSession, open_session
 from towerctl import bounds
 from towerctl.errors import ExitCode
 
@@ -71,32 +74,57 @@ def _read_line(fd: int, timeout: float) -> bytes:
     return line
 
 
+class _CoProcess:
+    """A batch fed by a writer that waits for answers: `send` lines, read each `answer`."""
+
+    def __init__(self, s: OpenedSession) -> None:
+        self.proc = subprocess.Popen(
+            [*faults.TOWERCTL, "session", "request", s.id, "--batch", "--macaroon", s.macaroon],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+    def send(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def answer(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        doc: dict[str, Any] = json.loads(_read_line(self.proc.stdout.fileno(), 20))
+        return doc
+
+    def finish(self) -> int:
+        """Close the input; the exit code (`co_process` kills one that outlives its test)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        return self.proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def co_process(s: OpenedSession) -> Iterator[_CoProcess]:
+    batch = _CoProcess(s)
+    try:
+        yield batch
+    finally:
+        if batch.proc.poll() is None:
+            batch.proc.kill()
+            batch.proc.wait()
+
+
 @pytest.mark.timeout(90)
 def test_each_answer_comes_before_the_next_line_is_sent(
     tower_env: dict[str, str], cli: CLI
 ) -> None:
     """A writer that sends a line and waits for its answer (a co-process) gets it: a
     line whose successor is not there yet waits for the disk and is answered at once."""
-    s = open_session(cli, 1_000_000)
-    proc = subprocess.Popen(
-        [*faults.TOWERCTL, "session", "request", s.id, "--batch", "--macaroon", s.macaroon],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
+    with co_process(open_session(cli, 1_000_000)) as batch:
         for n in range(12):
-            proc.stdin.write(b'{"message": "turn %d"}\n' % n)
-            proc.stdin.flush()
-            answer = json.loads(_read_line(proc.stdout.fileno(), 20))
+            batch.send(b'{"message": "turn %d"}\n' % n)
+            answer = batch.answer()
             assert answer["result"] == f"turn {n}" and answer["state"] == "complete"
-        proc.stdin.close()
-        assert proc.wait(timeout=30) == ExitCode.OK
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert batch.finish() == ExitCode.OK
 
 
 @pytest.mark.timeout(90)
@@ -106,31 +134,15 @@ def test_a_burst_ends_when_the_lines_after_it_write_nothing(
     """A co-process that sends a line with a blank line after it, or a line whose key is
     replayed right after it, and then waits, gets every answer: the burst is settled
     before towerctl waits for input again."""
-    s = open_session(cli, 1_000_000)
-    proc = subprocess.Popen(
-        [*faults.TOWERCTL, "session", "request", s.id, "--batch", "--macaroon", s.macaroon],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        proc.stdin.write(b'{"message": "one"}\n\n')
-        proc.stdin.flush()
-        assert json.loads(_read_line(proc.stdout.fileno(), 20))["result"] == "one"
+    with co_process(open_session(cli, 1_000_000)) as batch:
+        batch.send(b'{"message": "one"}\n\n')
+        assert batch.answer()["result"] == "one"
         keyed = b'{"message": "two", "idempotencyKey": "k2"}\n'
-        proc.stdin.write(keyed + keyed)
-        proc.stdin.flush()
-        first = json.loads(_read_line(proc.stdout.fileno(), 20))
-        again = json.loads(_read_line(proc.stdout.fileno(), 20))
+        batch.send(keyed + keyed)
+        first, again = batch.answer(), batch.answer()
         assert (first["replayed"], again["replayed"]) == (False, True)
         assert again["requestId"] == first["requestId"]
-        proc.stdin.close()
-        assert proc.wait(timeout=30) == ExitCode.OK
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        assert batch.finish() == ExitCode.OK
 
 
 # --- every printed outcome is on disk -----------------------------------------------------
