@@ -550,10 +550,15 @@ def _bare_migrate(env: dict[str, str]) -> tuple[int, str, str, bool]:
     import subprocess
     import sys
 
+    # towerctl ends with os._exit (no teardown): the flag is written on the way out.
     probe = (
-        "import sys\nfrom towerctl.console import main\nsys.argv = ['towerctl', 'migrate']\n"
-        "try:\n    main()\nfinally:\n"
+        "import os, sys\nfrom towerctl.console import main\nsys.argv = ['towerctl', 'migrate']\n"
+        "leave = os._exit\n"
+        "def flagged(code):\n"
         "    open('typer.flag', 'w').write(str('typer' in sys.modules))\n"
+        "    leave(code)\n"
+        "os._exit = flagged\n"
+        "main()\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe],

@@ -3,8 +3,11 @@ up-to-date database, before loading the parser."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import sys
+from typing import NoReturn
 
 # Python's cyclic garbage collector runs a young-generation pass every 700 new container
 # objects and, now and then, a pass over everything: while a command imports its modules
@@ -22,11 +25,36 @@ def main() -> None:
         sys.stdout.write(f"towerctl {__version__}\n")
         return
     gc.set_threshold(*GC_THRESHOLDS)
-    if sys.argv[1:] == ["migrate"]:  # a deploy's call: up to date is answered without the parser
-        from towerctl.quick_migrate import answered
+    try:
+        # a deploy's call: up to date is answered without the parser
+        if sys.argv[1:] == ["migrate"]:
+            from towerctl.quick_migrate import answered
 
-        if answered():
-            return
-    from towerctl.cli import main as run_cli
+            if answered():
+                raise SystemExit(0)
+        from towerctl.cli import main as run_cli
 
-    run_cli()
+        run_cli()
+    except SystemExit as done:
+        leave(done.code)
+    leave(0)
+
+
+def leave(code: object) -> NoReturn:
+    """End the process once the command is done: flush what it wrote, then exit without the
+    interpreter's teardown. That teardown (every module's objects freed, the collector run
+    over all of them) cost 120-220 ms of every command on the reference machine, a sixth of
+    a 1,000-line batch, and does nothing towerctl needs: every command has closed its
+    connections, files and children before it returns (`cli.run` catches everything, so
+    their `finally` blocks have run), and its only thread is a daemon."""
+    for stream in (sys.stdout, sys.stderr):
+        # a reader gone: `cli.run` has chosen the exit code
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # SystemExit("message"): said on stderr, exit 1
+        sys.stderr.write(f"{code}\n")
+        sys.stderr.flush()
+        code = 1
+    os._exit(code)
