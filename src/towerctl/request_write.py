@@ -160,12 +160,15 @@ def record(
         "context": context,
         "commit": None if chain is None or chain.durable else "off",
     }
+    durable = chain is None or chain.durable
+    ahead = chain is not None and chain.ahead and not durable
+    # Sent straight on libpq: encoded now, while the write before it runs.
+    send = sender(conn, params) if ahead else None
     # The write before this one (running ahead) is finished first; the parameters above
     # were built meanwhile (they need nothing of its row).
     if chain is not None and not chain.catch_up():
         raise Guessed()
     sent = time.monotonic()
-    durable = chain is None or chain.durable
 
     def finish(row: Sequence[Any] | None) -> RequestOutcome:
         return _recorded(conn, lease, row, sent, durable, reply, reason, error, params, chain)
@@ -179,32 +182,37 @@ def record(
         except NotServed as refused:
             return refusal(lease.session_id, str(refused))
 
-    if chain is not None and chain.ahead and not durable:
-        chain.run_ahead(lambda: send_ahead(conn, params), finish_ahead, _left_by(start, params))
+    if send is not None:
+        assert chain is not None
+        chain.run_ahead(send, finish_ahead, _left_by(start, params))
         return None
     return finish(conn.execute(RECORD, params).fetchone())
 
 
-def send_ahead(conn: psycopg.Connection, params: dict[str, Any]) -> Callable[[], Any]:
-    """Send RECORD straight on libpq, without waiting for its row; returns the call that
-    reads the row (None: no row), raising as `execute` would. Nothing else may use the
+def sender(conn: psycopg.Connection, params: dict[str, Any]) -> Callable[[], Callable[[], Any]]:
+    """The call that sends RECORD straight on libpq without waiting for its row, and
+    returns the call that reads the row (None: no row), raising as `execute` would.
+    Everything it needs is made here, before the write ahead of it is read, so that
+    the server waits as little as possible between the two. Nothing else may use the
     connection in between (`RequestChain` reads it before anything else is sent)."""
+    from psycopg import OperationalError, pq
+    from psycopg.adapt import Transformer
+    from psycopg.errors import error_from_result
+
+    from towerctl.db import results_of_query_in_flight
+
     pgconn, encoding = conn.pgconn, conn.info.encoding
-    pgconn.send_query_params(
-        RECORD_AHEAD, [_text(params[name], encoding) for name in RECORD_PARAMS]
-    )
-    while pgconn.flush():
-        readable, _, _ = select.select([pgconn.socket], [pgconn.socket], [])
-        if readable:
-            pgconn.consume_input()
+    values = [_text(params[name], encoding) for name in RECORD_PARAMS]
+
+    def send() -> Callable[[], Any]:
+        pgconn.send_query_params(RECORD_AHEAD, values)
+        while pgconn.flush():
+            readable, _, _ = select.select([pgconn.socket], [pgconn.socket], [])
+            if readable:
+                pgconn.consume_input()
+        return receive
 
     def receive() -> Any:
-        from psycopg import OperationalError, pq
-        from psycopg.adapt import Transformer
-        from psycopg.errors import error_from_result
-
-        from towerctl.db import results_of_query_in_flight
-
         try:
             results = results_of_query_in_flight(conn)
         except KeyboardInterrupt:  # as psycopg does: cancel, and read the query to its end
@@ -221,7 +229,7 @@ def send_ahead(conn: psycopg.Connection, params: dict[str, Any]) -> Callable[[],
         rows.set_pgresult(results[0])
         return rows.load_row(0, tuple) if results[0].ntuples else None
 
-    return receive
+    return send
 
 
 def _text(value: Any, encoding: str) -> bytes | None:
