@@ -203,3 +203,101 @@ def test_every_printed_outcome_survives_a_server_crash(tmp_path: Path) -> None:
     assert len(ids) >= 300 and len(set(ids)) == len(ids)
     lost = sorted(set(ids) - kept)
     assert not lost, f"{len(lost)} printed outcomes are not in the store: {lost[:5]}..."
+
+
+# --- settling beside the batch (batch.Settler) ------------------------------------------------
+
+
+def _batch_in_process(
+    db_url: str, session_id: str, lines: int, settle_beside: Any
+) -> list[dict[str, Any]]:
+    """`run_batch` of `lines` echo lines from a file (every next line ready), as the
+    command runs it; the outcome lines, in order."""
+    from uuid import UUID
+
+    from towerctl import db
+    from towerctl.agents import EchoAgent
+    from towerctl.batch import run_batch
+
+    out: list[dict[str, Any]] = []
+    feed = b"".join(b'{"message": "line %d"}\n' % n for n in range(lines))
+    read_end, write_end = os.pipe()
+    threading.Thread(target=lambda: (os.write(write_end, feed), os.close(write_end))).start()
+    with os.fdopen(read_end, "rb") as stream, db.connect(db_url) as conn:
+        run_batch(
+            conn,
+            UUID(session_id),
+            bounds.BoundedLines(stream, 4096),
+            EchoAgent(),
+            out.append,
+            settle_beside=settle_beside,
+        )
+    return out
+
+
+def _assert_all_answered(out: list[dict[str, Any]], lines: int) -> None:
+    assert [o["result"] for o in out] == [f"line {n}" for n in range(lines)]
+    assert all(o["state"] == "complete" for o in out)
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_waits_for_the_disk_on_a_second_connection(db_url: str, cli: CLI) -> None:
+    """An echo batch settles its lines beside itself: the second connection's settles run
+    while the batch writes, and every line is answered, in order."""
+    from towerctl import db
+    from towerctl.request_chain import Settler
+
+    s = open_session(cli, deposit=10_000_000)
+    opened: list[psycopg.Connection] = []
+    started: list[int] = []
+    real_start = Settler.start
+
+    def counting_start(self: Settler, session_id: Any, request_id: int) -> bool:
+        started.append(request_id)
+        return real_start(self, session_id, request_id)
+
+    def second() -> psycopg.Connection:
+        opened.append(db.connect(db_url, application_name="towerctl-settle"))
+        return opened[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Settler, "start", counting_start)
+        out = _batch_in_process(db_url, s.id, 400, second)
+    _assert_all_answered(out, 400)
+    assert len(opened) == 1, "one second connection for the whole batch"
+    assert opened[0].closed, "the batch closes its second connection"
+    assert len(started) >= 400 // 32, f"only {len(started)} settles beside the batch"
+    assert started == sorted(started), "each settle covers a later request"
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_settles_on_its_own_connection_when_the_second_fails(db_url: str, cli: CLI) -> None:
+    """The second connection is an optimisation: a batch that cannot open it, or whose
+    second connection dies mid-batch, still answers every line."""
+    from towerctl import db
+    from towerctl.errors import DatabaseUnreachable
+
+    s = open_session(cli, deposit=10_000_000)
+
+    def refused() -> psycopg.Connection:
+        raise DatabaseUnreachable("no second connection")
+
+    _assert_all_answered(_batch_in_process(db_url, s.id, 200, refused), 200)
+
+    killed: list[int] = []
+
+    def dies_soon() -> psycopg.Connection:
+        second = db.connect(db_url, application_name="towerctl-settle")
+        pid = second.info.backend_pid
+
+        def kill() -> None:
+            time.sleep(0.05)
+            with psycopg.connect(db_url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            killed.append(pid)
+
+        threading.Thread(target=kill).start()
+        return second
+
+    _assert_all_answered(_batch_in_process(db_url, s.id, 2_000, dies_soon), 2_000)
+    assert killed, "the second connection was terminated during the batch"

@@ -11,7 +11,9 @@ An outcome line is written only once its request is on disk. With an instant age
 (echo) and the next line already waiting, a write commits without waiting for the
 disk; the burst ends (its last write waits for the disk, which covers every commit
 before it) when the input pauses, at the end, or after `BURST_SECONDS` or
-`BURST_LINES`, and its lines are written then (`Outbox`). A stopped batch settles its
+`BURST_LINES`, and its lines are written then (`Outbox`). With a second connection
+(`Settler`) the disk is waited for there, beside the batch, which goes on writing
+meanwhile; the lines are written when that wait ends. A stopped batch settles its
 burst before it reports; when the database is gone it says how many lines were
 recorded but not answered. Other agents take far longer than the disk: each of their
 writes waits for it, as a single request's does.
@@ -32,7 +34,7 @@ from towerctl.config import Pricing, RequestLimits
 from towerctl.db import classify
 from towerctl.errors import BadInput, ExitCode, NotServed, TowerError, WriteFailed, error_for
 from towerctl.lease import SessionLease, hold_seconds
-from towerctl.request_chain import RequestChain
+from towerctl.request_chain import RequestChain, Settler
 from towerctl.session_requests import serve_request, unrecorded_refusal
 
 if TYPE_CHECKING:
@@ -120,6 +122,7 @@ def run_batch(
     reader_gone: Callable[[], bool] = lambda: False,
     pricing: Pricing | None = None,
     limits: RequestLimits | None = None,
+    settle_beside: Callable[[], psycopg.Connection] | None = None,
 ) -> BatchSummary:
     """Serve NDJSON requests in order, handing each outcome to `emit` (one line each).
 
@@ -129,6 +132,8 @@ def run_batch(
     before a line, or `emit` raising WriteFailed), the requests recorded stay recorded,
     no further line runs, and WriteFailed (exit 10) says how many lines were answered.
     `lines` raising `bounds.LineTooLong` is a line past the batch line bound (exit 2).
+    `settle_beside` opens a second connection to the same database, on which an instant
+    agent's bursts are settled while the batch goes on writing (`Settler`).
     """
     pricing = pricing or Pricing()
     limits = limits or RequestLimits()
@@ -141,15 +146,19 @@ def run_batch(
         ),
         ahead=agent.instant,
     )
+    settler = Settler(settle_beside) if agent.instant and settle_beside is not None else None
     with chain.lease:
         try:
-            return _run(chain, lines, agent, emit, reader_gone, pricing, limits)
+            return _run(chain, settler, lines, agent, emit, reader_gone, pricing, limits)
         finally:
             chain.drain()  # before the lease is given back on the same connection
+            if settler is not None:
+                settler.close()
 
 
 def _run(
     chain: RequestChain,
+    settler: Settler | None,
     lines: Iterable[bytes] | bounds.BoundedLines,
     agent: Agent,
     emit: Callable[[dict[str, Any]], None],
@@ -158,12 +167,13 @@ def _run(
     limits: RequestLimits,
 ) -> BatchSummary:
     summary = BatchSummary()
-    outbox = Outbox(chain, emit, summary)
+    outbox = Outbox(chain, emit, summary, settler)
     more_waiting = lines.ready if isinstance(lines, bounds.BoundedLines) else lambda: False
     numbered = enumerate(lines, start=1)
     number = 0
     try:
         while True:
+            outbox.tend()
             if outbox.pending() and not (outbox.may_wait() and more_waiting()):
                 outbox.settle()  # the input pauses or the burst is full: its lines go out
             try:
@@ -205,16 +215,52 @@ class Outbox:
         chain: RequestChain,
         emit: Callable[[dict[str, Any]], None],
         summary: BatchSummary,
+        settler: Settler | None = None,
     ) -> None:
         self.chain, self.emit, self.summary = chain, emit, summary
+        self.settler = settler
         self.waiting: list[dict[str, Any]] = []
         self.since = 0.0
+        self.covered = 0  # the first waiting lines the settle in flight beside covers
 
     def may_wait(self) -> bool:
-        """Whether one more line may join the burst without waiting for the disk."""
+        """Whether one more line may join the burst without waiting for the disk. With a
+        settler, a full burst first waits for the settle in flight beside it."""
         if not self.waiting:
             return True
+        if self.settler is not None and self.settler.usable:
+            if len(self.waiting) >= BURST_LINES and self.settler.running:
+                self._settled_beside(self.settler.wait())
+            return len(self.waiting) < BURST_LINES
         return len(self.waiting) < BURST_LINES and time.monotonic() - self.since < BURST_SECONDS
+
+    def tend(self) -> None:
+        """With a settler: write the lines of a settle beside that has finished, and start
+        one for the lines waiting once there are a quarter of a burst of them, or they
+        have waited half of its time (so a line waits about that long, at most a burst)."""
+        settler = self.settler
+        if settler is None:
+            return
+        if settler.running:
+            done = settler.poll()
+            if done is None:
+                return
+            self._settled_beside(done)
+        ripe = len(self.waiting) >= BURST_LINES // 4 or (
+            self.waiting and time.monotonic() - self.since >= BURST_SECONDS / 2
+        )
+        if not (ripe and settler.usable and self.chain.unsettled):
+            return
+        last = next((d["requestId"] for d in reversed(self.waiting) if d["requestId"]), None)
+        if last is not None and settler.start(self.chain.lease.session_id, last):
+            self.covered = len(self.waiting)
+
+    def _settled_beside(self, done: bool) -> None:
+        """The settle beside has ended: its lines go out when it is on disk (when it failed,
+        they wait for a settle on the chain's own connection)."""
+        covered, self.covered = self.covered, 0
+        if done:
+            self._write_out(covered)
 
     def add(self, doc: dict[str, Any], state: str) -> None:
         self.summary.counts[state] += 1
@@ -240,6 +286,8 @@ class Outbox:
         write every waiting line."""
         self.chain.catch_up()
         self.collect()
+        if self.settler is not None and self.settler.running:
+            self._settled_beside(self.settler.wait())
         if self.waiting:
             self.chain.settle()
             self._write_out()
@@ -269,14 +317,19 @@ class Outbox:
             )
         return error
 
-    def _write_out(self) -> None:
-        while self.waiting:
+    def _write_out(self, lines: int | None = None) -> None:
+        """Write the first `lines` waiting lines (all by default)."""
+        count = len(self.waiting) if lines is None else min(lines, len(self.waiting))
+        for _ in range(count):
             try:
                 self.emit(self.waiting[0])
             except WriteFailed as failed:
                 raise _output_lost(self.summary, failed.message, self) from None
             self.waiting.pop(0)
+            self.covered = max(0, self.covered - 1)
             self.summary.answered += 1
+        if self.waiting:
+            self.since = time.monotonic()
 
 
 def _serve(

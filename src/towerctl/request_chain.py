@@ -18,10 +18,15 @@ is in flight.
 from __future__ import annotations
 
 import contextlib
+import select
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 from towerctl.lease import SessionLease
+
+if TYPE_CHECKING:
+    import psycopg
 
 History = list[tuple[str, str, int]]  # (role, content, tokens), newest first
 Start = tuple[str, int, History]  # state, balance, history: what a request starts from
@@ -104,3 +109,89 @@ class RequestChain:
         if self.unsettled:
             self.lease.conn.execute(SETTLE, (self.lease.session_id,))
             self.unsettled = False
+
+
+# A write that changes nothing and waits for the disk, off the chain's own rows: a lock
+# on a request row the chain has written (taking it gives the transaction an id and a WAL
+# record, so its commit waits for the disk, and every commit before it is then there
+# too). Nothing the chain writes next waits for that lock, as it would for the session
+# row's (`SETTLE`): the chain goes on writing while this commit waits.
+SETTLE_BESIDE = (
+    b"SELECT 1 FROM session_requests WHERE session_id = $1::uuid AND id = $2::bigint FOR KEY SHARE"
+)
+
+
+class Settler:
+    """Settles a chain's writes beside it, on a second connection of its own, so the
+    chain's connection need not wait for the disk at the end of every burst. One settle
+    at a time, sent without waiting (`start`) and read when done (`poll`, `wait`). An
+    optimisation only: once the second connection fails (or cannot be opened) it is
+    not used again, and the caller settles on the chain's connection (`RequestChain.settle`)."""
+
+    def __init__(self, connect: Callable[[], psycopg.Connection]) -> None:
+        self._connect = connect
+        self._conn: psycopg.Connection | None = None
+        self.usable = True
+        self.running = False
+
+    def start(self, session_id: UUID, request_id: int) -> bool:
+        """Send a settle for every write committed so far; False when it cannot be."""
+        assert not self.running
+        if not self.usable:
+            return False
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+            pgconn = self._conn.pgconn
+            pgconn.send_query_params(SETTLE_BESIDE, [str(session_id).encode(), b"%d" % request_id])
+            while pgconn.flush():
+                select.select([pgconn.socket], [pgconn.socket], [])
+        except Exception:
+            self._fail()
+            return False
+        self.running = True
+        return True
+
+    def poll(self) -> bool | None:
+        """Whether the settle in flight is done: None while it runs, False if it failed."""
+        assert self._conn is not None and self.running
+        pgconn = self._conn.pgconn
+        try:
+            pgconn.consume_input()
+            if pgconn.is_busy():
+                return None
+        except Exception:
+            return self._fail()
+        return self._read()
+
+    def wait(self) -> bool:
+        """Wait for the settle in flight: True once it is on disk, False if it failed."""
+        assert self._conn is not None and self.running
+        return self._read()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+        self.running = False
+
+    def _read(self) -> bool:
+        from psycopg import pq
+
+        from towerctl.db import results_of_query_in_flight
+
+        assert self._conn is not None
+        try:
+            results = results_of_query_in_flight(self._conn)
+        except Exception:
+            return self._fail()
+        self.running = False
+        if not results or any(r.status != pq.ExecStatus.TUPLES_OK for r in results):
+            return self._fail()
+        return True
+
+    def _fail(self) -> bool:
+        self.usable = False
+        self.close()
+        return False

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import typer
@@ -18,6 +19,9 @@ from towerctl.cli.session import (
     authorized_session,
 )
 from towerctl.cli.state import print_json, stdin_bytes
+
+if TYPE_CHECKING:
+    from psycopg import Connection
 
 
 def _reply_text(text: str) -> str:
@@ -55,6 +59,15 @@ def _emit_line(doc: dict[str, Any]) -> None:
         raise WriteFailed("the reader of stdout went away") from None
     except OSError as error:
         raise WriteFailed(f"cannot write to standard output: {error.strerror}") from None
+
+
+def _second_connection(ctx: typer.Context) -> Callable[[], Connection]:
+    """Opens another connection to the primary, for a batch's settles (`batch.Settler`)."""
+    from towerctl import db
+    from towerctl.cli.state import store
+
+    url = store(ctx).url()
+    return lambda: db.connect(url, application_name="towerctl-settle")
 
 
 @app.command("request")
@@ -121,6 +134,7 @@ def request(
                 reader_gone=_reader_gone,
                 pricing=pricing,
                 limits=limits,
+                settle_beside=_second_connection(ctx),
             )
         return
     text = (
