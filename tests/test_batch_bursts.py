@@ -20,7 +20,7 @@ import pytest
 import faults
 from conftest import CLI, ROOT_KEY_HEX, OpenedSession, open_session
 from towerctl import bounds
-from towerctl.errors import ExitCode
+from towerctl.errors import ExitCode, NotServed
 
 # --- the reader's readiness -----------------------------------------------------------------
 
@@ -209,17 +209,31 @@ def test_every_printed_outcome_survives_a_server_crash(tmp_path: Path) -> None:
 
 
 def _batch_in_process(
-    db_url: str, session_id: str, lines: int, settle_beside: Any
+    db_url: str,
+    session_id: str,
+    lines: int,
+    settle_beside: Any,
+    *,
+    on_line: Any = None,
+    limits: Any = None,
+    out: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """`run_batch` of `lines` echo lines from a file (every next line ready), as the
-    command runs it; the outcome lines, in order."""
+    """`run_batch` of `lines` echo lines from a pipe written at once (every next line
+    ready), as the command runs it; the outcome lines, in order (`on_line(out)` after
+    each is written)."""
     from uuid import UUID
 
     from towerctl import db
     from towerctl.agents import EchoAgent
     from towerctl.batch import run_batch
 
-    out: list[dict[str, Any]] = []
+    out = [] if out is None else out
+
+    def emit(doc: dict[str, Any]) -> None:
+        out.append(doc)
+        if on_line is not None:
+            on_line(out)
+
     feed = b"".join(b'{"message": "line %d"}\n' % n for n in range(lines))
     read_end, write_end = os.pipe()
     threading.Thread(target=lambda: (os.write(write_end, feed), os.close(write_end))).start()
@@ -229,8 +243,9 @@ def _batch_in_process(
             UUID(session_id),
             bounds.BoundedLines(stream, 4096),
             EchoAgent(),
-            out.append,
+            emit,
             settle_beside=settle_beside,
+            limits=limits,
         )
     return out
 
@@ -301,3 +316,58 @@ def test_a_batch_settles_on_its_own_connection_when_the_second_fails(db_url: str
 
     _assert_all_answered(_batch_in_process(db_url, s.id, 2_000, dies_soon), 2_000)
     assert killed, "the second connection was terminated during the batch"
+
+
+@pytest.mark.timeout(120)
+def test_a_write_running_ahead_that_finds_its_lease_lost_is_that_lines_refusal(
+    db_url: str, cli: CLI
+) -> None:
+    """Mid-batch, another client takes the session's lease (as if the batch's had run
+    out): the first write sent after that, running ahead of its row, writes nothing and
+    is its own line's refusal; every later line is refused (busy) and nothing more is
+    recorded or charged."""
+    from towerctl import db
+    from towerctl.config import RequestLimits
+
+    s = open_session(cli, deposit=10_000_000)
+    taken: list[int] = []
+
+    def take_the_lease(out: list[dict[str, Any]]) -> None:
+        if len(out) == 40 and not taken:
+            with psycopg.connect(db_url, autocommit=True) as other:
+                other.execute(
+                    "UPDATE sessions SET lease_owner = gen_random_uuid(),"
+                    " lease_until = now() + interval '1 hour' WHERE id = %s",
+                    (s.id,),
+                )
+            taken.append(len(out))
+
+    def second() -> psycopg.Connection:
+        return db.connect(db_url, application_name="towerctl-settle")
+
+    out: list[dict[str, Any]] = []
+    with pytest.raises(NotServed):  # the worst line's exit code: 5
+        _batch_in_process(
+            db_url,
+            s.id,
+            120,
+            second,
+            on_line=take_the_lease,
+            limits=RequestLimits(busy_wait_seconds=0),
+            out=out,
+        )
+    assert taken and len(out) == 120, "every line has its outcome"
+    complete = [o for o in out if o["state"] == "complete"]
+    refused = out[len(complete) :]
+    assert complete == out[: len(complete)], "the refusals all come after the lease was taken"
+    assert 40 <= len(complete) <= 40 + 32 + 1, len(complete)
+    assert refused and all(o["requestId"] is None for o in refused)
+    assert "lease ran out" in refused[0]["reason"], refused[0]
+    assert all("busy" in o["reason"] for o in refused[1:]), refused[1]["reason"]
+    with psycopg.connect(db_url, autocommit=True) as c:
+        rows = c.execute(
+            "SELECT count(*), coalesce(sum(debited_sats), 0) FROM session_requests"
+            " WHERE session_id = %s",
+            (s.id,),
+        ).fetchone()
+    assert rows == (len(complete), sum(o["debitedSats"] for o in complete))
