@@ -371,3 +371,57 @@ def test_a_write_running_ahead_that_finds_its_lease_lost_is_that_lines_refusal(
             (s.id,),
         ).fetchone()
     assert rows == (len(complete), sum(o["debitedSats"] for o in complete))
+
+
+@pytest.mark.timeout(180)
+def test_a_batch_running_ahead_on_a_latin1_database_keeps_its_text(
+    server_url: str, tmp_path: Path
+) -> None:
+    """A write sent straight on libpq encodes its text as psycopg would for the database's
+    encoding: on a LATIN1 database every accented line is answered and stored as sent."""
+    from uuid import uuid4
+
+    from psycopg.conninfo import make_conninfo
+
+    name = f"towerctl_latin1_{uuid4().hex[:10]}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(
+            f"CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'LATIN1'"
+            " LOCALE_PROVIDER libc LOCALE 'C'"
+        )
+    try:
+        url = make_conninfo(server_url, dbname=name)
+        env = faults.process_env(
+            {
+                "TOWER_DATABASE_URL": url,
+                "TOWER_HOME": str(tmp_path / "home"),
+                "TOWER_ROOT_KEY": ROOT_KEY_HEX,
+                "NO_COLOR": "1",
+            }
+        )
+        assert faults.run(["migrate"], env).returncode == 0
+        opened = json.loads(
+            faults.run(["session", "open", "--deposit", "10000000", "--json"], env).stdout
+        )
+        lines = [f"café n°{n}: crème brûlée, naïve façade, señor, Straße ±½" for n in range(200)]
+        feed = "".join(json.dumps({"message": m}) + "\n" for m in lines).encode()
+        done = subprocess.run(
+            [*faults.TOWERCTL, "session", "request", opened["sessionId"], "--batch",
+             "--macaroon", opened["macaroon"]],
+            input=feed, env=env, capture_output=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        out = [json.loads(line) for line in done.stdout.splitlines()]
+        assert [o["result"] for o in out] == lines
+        with psycopg.connect(url, autocommit=True) as c:
+            assert c.info.encoding == "iso8859-1"
+            stored = [
+                row[0]
+                for row in c.execute(
+                    "SELECT content FROM session_messages WHERE role = 'user' ORDER BY id"
+                )
+            ]
+        assert stored == lines
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
