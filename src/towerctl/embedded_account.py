@@ -73,16 +73,26 @@ def server_installation(source: Path, user: ServerUser | None) -> Path:
     The wheel's own, unless towerctl is root and the server's user cannot reach it
     (towerctl installed under /root, say): then a copy in /var/lib/towerctl, made
     once per installation. towerctl never loosens the folders it did not create.
+
+    The copy keeps the wheel's layout: `<package>/pginstall` beside `<package>.libs`,
+    the libraries the wheel's tools link (libpq for initdb and psql), which they find
+    by a path relative to themselves ($ORIGIN/../../../<package>.libs).
     """
     if user is None or _others_can_run(source):
         return source
-    digest = hashlib.sha256(f"{source}:{os.stat(source / 'bin' / 'postgres').st_mtime_ns}".encode())
+    stamp = os.stat(source / "bin" / "postgres").st_mtime_ns
+    digest = hashlib.sha256(f"{source}:{stamp}:with-libs".encode())
     target = _data_root(user) / f"pginstall-{digest.hexdigest()[:12]}"
-    if (target / "bin" / "postgres").exists():
-        return target
+    package = source.parent
+    installation = target / package.name / source.name
+    if (installation / "bin" / "postgres").exists():
+        return installation
     staging = Path(tempfile.mkdtemp(prefix=".pginstall-", dir=target.parent))
     try:
-        shutil.copytree(source, staging / "copy", symlinks=True)
+        shutil.copytree(source, staging / "copy" / package.name / source.name, symlinks=True)
+        libraries = package.parent / f"{package.name}.libs"
+        if libraries.is_dir():
+            shutil.copytree(libraries, staging / "copy" / libraries.name, symlinks=True)
         for folder, _, files in os.walk(staging / "copy"):
             os.chmod(folder, 0o755)
             for name in files:
@@ -94,11 +104,11 @@ def server_installation(source: Path, user: ServerUser | None) -> Path:
         try:
             os.rename(staging / "copy", target)
         except OSError:  # another towerctl made it first
-            if not (target / "bin" / "postgres").exists():
+            if not (installation / "bin" / "postgres").exists():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return installation
 
 
 # --- who runs the server ---------------------------------------------------------
