@@ -425,3 +425,22 @@ def test_a_batch_running_ahead_on_a_latin1_database_keeps_its_text(
     finally:
         with psycopg.connect(server_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.timeout(60)
+def test_a_settle_that_locks_no_row_is_a_failed_settle(db_url: str, cli: CLI) -> None:
+    """A settle beside whose lock finds no row wrote no WAL, so its commit waited for
+    nothing: it must count as failed (the batch then settles on its own connection)."""
+    from uuid import UUID
+
+    from towerctl import db
+    from towerctl.request_chain import Settler
+
+    s = open_session(cli, deposit=1_000)
+    settler = Settler(lambda: db.connect(db_url, application_name="towerctl-settle"))
+    try:
+        assert settler.start(UUID(s.id), 987_654_321)  # no such request
+        assert settler.wait() is False
+        assert not settler.usable and not settler.running
+    finally:
+        settler.close()

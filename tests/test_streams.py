@@ -542,3 +542,46 @@ def _assert_head_is_quiet(args: list[str], tower_env: dict[str, str]) -> None:
     os.close(write_end)
     assert done.returncode == ExitCode.OK, done.stderr
     assert done.stderr == b""
+
+
+# --- closed standard streams: the exit code still tells -----------------------------------------
+
+UNREACHABLE = "postgresql://towerctl@127.0.0.1:1/nothing?connect_timeout=2"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("closed", [">&-", "2>&-", ">&- 2>&-"])
+@pytest.mark.parametrize("command", ["migrate", "migrate status"])
+def test_an_unreachable_database_exits_8_with_a_standard_stream_closed(
+    closed: str, command: str
+) -> None:
+    """Started with stdout and/or stderr closed (a cron line's `>&-`): the unreachable
+    database is still exit 8, never a traceback's 1 (the bare `migrate` is answered
+    without the parser, `migrate status` by it)."""
+    towerctl = Path(sys.executable).with_name("towerctl")
+    done = subprocess.run(
+        ["bash", "-c", f"{towerctl} {command} {closed}"],
+        env={**os.environ, "TOWER_DATABASE_URL": UNREACHABLE},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == ExitCode.UNREACHABLE, done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_json_error_to_a_full_device_keeps_its_exit_code() -> None:
+    """The error document of a `--json` command that failed cannot be written either
+    (/dev/full): stderr has the line, the exit code is the error's own."""
+    towerctl = Path(sys.executable).with_name("towerctl")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [str(towerctl), "session", "show", "nonsense", "--json"],
+            env={**os.environ, "TOWER_DATABASE_URL": UNREACHABLE},
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == ExitCode.BAD_INPUT, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr

@@ -252,7 +252,9 @@ class Outbox:
         if not (ripe and settler.usable and self.chain.unsettled):
             return
         last = next((d["requestId"] for d in reversed(self.waiting) if d["requestId"]), None)
-        if last is not None and settler.start(self.chain.lease.session_id, last):
+        if last is None:  # refusals only: nothing of theirs was written
+            self._write_out()
+        elif settler.start(self.chain.lease.session_id, last):
             self.covered = len(self.waiting)
 
     def _settled_beside(self, done: bool) -> None:

@@ -25,6 +25,13 @@ def main() -> None:
         sys.stdout.write(f"towerctl {__version__}\n")
         return
     gc.set_threshold(*GC_THRESHOLDS)
+    # Started with stdout or stderr closed (`>&-`, `2>&-`): Python gives no stream at all,
+    # and the first write would fail before the exit code is chosen. What would have been
+    # written there goes nowhere instead; the exit code still tells.
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the process's own stdout)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the process's own stderr)
     try:
         # a deploy's call: up to date is answered without the parser
         if sys.argv[1:] == ["migrate"]:
@@ -47,14 +54,17 @@ def leave(code: object) -> NoReturn:
     a 1,000-line batch, and does nothing towerctl needs: every command has closed its
     connections, files and children before it returns (`cli.run` catches everything, so
     their `finally` blocks have run), and its only thread is a daemon."""
-    for stream in (sys.stdout, sys.stderr):
-        # a reader gone: `cli.run` has chosen the exit code
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
     if code is None:
         code = 0
     elif not isinstance(code, int):  # SystemExit("message"): said on stderr, exit 1
-        sys.stderr.write(f"{code}\n")
-        sys.stderr.flush()
+        if sys.stderr is not None:
+            with contextlib.suppress(Exception):
+                sys.stderr.write(f"{code}\n")
         code = 1
+    for stream in (sys.stdout, sys.stderr):
+        # None: started with that descriptor closed. A reader gone or a full device:
+        # `cli.run` has already chosen the exit code.
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.flush()
     os._exit(code)

@@ -187,9 +187,11 @@ class Settler:
         except Exception:
             return self._fail()
         self.running = False
-        if not results or any(r.status != pq.ExecStatus.TUPLES_OK for r in results):
+        # One row locked, or its commit wrote no WAL and waited for nothing.
+        ok = pq.ExecStatus.TUPLES_OK
+        if not results or any(r.status != ok for r in results) or results[0].ntuples != 1:
             return self._fail()
-        return True
+        return self._conn is not None and self._conn.pgconn.status == pq.ConnStatus.OK
 
     def _fail(self) -> bool:
         self.usable = False

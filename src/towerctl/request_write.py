@@ -41,7 +41,7 @@ FROM towerctl_write_request(
     %(user_tokens)s::integer, %(reply)s::text, %(reply_tokens)s::integer,
     %(renew)s::float8, %(context)s::integer) AS w"""
 GONE = "SELECT 1 FROM sessions WHERE id = %s"
-# RECORD's parameters in order, for a write sent straight on libpq (`send_ahead`).
+# RECORD's parameters in order, for a write sent straight on libpq (`sender`).
 RECORD_PARAMS = (
     "sid", "me", "state", "agent", "reason", "error", "in", "out", "cost", "key", "digest",
     "pause", "floor", "user", "user_tokens", "reply", "reply_tokens", "renew", "context",

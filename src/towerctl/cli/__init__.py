@@ -16,7 +16,7 @@ import typer.main
 from towerctl import __version__
 from towerctl.cli.output import PipeGuard, StdoutClosed
 from towerctl.cli.state import ARGV, CURRENT, State, hide_tokens
-from towerctl.errors import ExitCode, TowerError
+from towerctl.errors import ExitCode, TowerError, WriteFailed
 
 # name -> (module:attribute, one-line summary). The module is imported when the
 # command runs (Click's documented lazy loading), so `--version` and a command's
@@ -166,7 +166,7 @@ def _fail(message: str, code: int, *, json_wanted: bool = False) -> int:
         from towerctl.render import json_text
 
         doc = {"error": {"message": line, "exitCode": int(code)}}
-        with contextlib.suppress(OSError, StdoutClosed):
+        with contextlib.suppress(OSError, StdoutClosed, WriteFailed):
             stdout.write(json_text(doc) + "\n")
             stdout.flush()
     return code
