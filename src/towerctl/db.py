@@ -123,17 +123,33 @@ def connect(url: str, *, application_name: str = "towerctl") -> psycopg.Connecti
     return conn
 
 
+def flush_sent(pgconn: pq.abc.PGconn) -> None:
+    """Wait until what was sent straight on libpq has left for the server (reading what
+    the server sends meanwhile, so that neither side blocks on a full buffer)."""
+    import select
+
+    while pgconn.flush():
+        readable, _, _ = select.select([pgconn.socket], [pgconn.socket], [])
+        if readable:
+            pgconn.consume_input()
+
+
+def wait_for_result(pgconn: pq.abc.PGconn) -> None:
+    """Wait until libpq can hand over the next result without blocking."""
+    import select
+
+    while pgconn.is_busy():
+        select.select([pgconn.socket], [], [])
+        pgconn.consume_input()
+
+
 def results_of_query_in_flight(conn: psycopg.Connection) -> list[pq.abc.PGresult]:
     """Every result of the query sent straight on libpq (`conn.pgconn`), read to its end,
     so that the connection can take the next one (empty: the connection was lost)."""
-    import select
-
     pgconn = conn.pgconn
     results: list[pq.abc.PGresult] = []
     while True:
-        while pgconn.is_busy():
-            select.select([pgconn.socket], [], [])
-            pgconn.consume_input()
+        wait_for_result(pgconn)
         result = pgconn.get_result()
         if result is None:
             return results

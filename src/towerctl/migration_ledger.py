@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from towerctl.db import flush_sent, results_of_query_in_flight
 from towerctl.errors import BadInput, DatabaseUnreachable, MigrationError
 from towerctl.migration_files import Migration
 from towerctl.migration_plan import AppliedMigration
@@ -273,8 +273,7 @@ def ledger_meanwhile(conn: psycopg.Connection) -> Iterator[LedgerReady]:
         return
     pgconn = conn.pgconn
     pgconn.send_query(EARLY_LEDGER.encode())
-    while pgconn.flush():
-        select.select([], [pgconn.socket], [])
+    flush_sent(pgconn)
     try:
         yield state
     except BaseException:
@@ -287,8 +286,6 @@ def ledger_meanwhile(conn: psycopg.Connection) -> Iterator[LedgerReady]:
 def _end_early(conn: psycopg.Connection, *, commit: bool) -> bool:
     """Read the early transaction's results and end it; whether it committed."""
     from psycopg import pq
-
-    from towerctl.db import results_of_query_in_flight
 
     pgconn = conn.pgconn
     failed = any(

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from towerctl.db import flush_sent, wait_for_result
 from towerctl.migration_ledger import FAST_GUARD, INSERT_LEDGER_TIMED
 from towerctl.migration_plan import Step
 
@@ -91,10 +91,7 @@ class FilePipeline:
         for query, params in self.queries(step, after, durable):
             pgconn.send_query_params(query, params)
         pgconn.pipeline_sync()
-        while pgconn.flush():
-            readable, _, _ = select.select([pgconn.socket], [pgconn.socket], [])
-            if readable:
-                pgconn.consume_input()
+        flush_sent(pgconn)
 
     def receive(self) -> list[pq.abc.PGresult]:
         """The results of the oldest queued file, one per statement sent (fewer only when the
@@ -106,9 +103,7 @@ class FilePipeline:
         idle = False
         try:
             while True:
-                while pgconn.is_busy():
-                    select.select([pgconn.socket], [], [])
-                    pgconn.consume_input()
+                wait_for_result(pgconn)
                 result = pgconn.get_result()
                 if result is None:
                     if idle or pgconn.status != pq.ConnStatus.OK:  # nothing more will come

@@ -18,11 +18,11 @@ is in flight.
 from __future__ import annotations
 
 import contextlib
-import select
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from towerctl.db import flush_sent, results_of_query_in_flight
 from towerctl.lease import SessionLease
 
 if TYPE_CHECKING:
@@ -144,8 +144,7 @@ class Settler:
                 self._conn = self._connect()
             pgconn = self._conn.pgconn
             pgconn.send_query_params(SETTLE_BESIDE, [str(session_id).encode(), b"%d" % request_id])
-            while pgconn.flush():
-                select.select([pgconn.socket], [pgconn.socket], [])
+            flush_sent(pgconn)
         except Exception:
             self._fail()
             return False
@@ -179,8 +178,6 @@ class Settler:
     def _read(self) -> bool:
         from psycopg import pq
 
-        from towerctl.db import results_of_query_in_flight
-
         assert self._conn is not None
         try:
             results = results_of_query_in_flight(self._conn)
@@ -191,7 +188,9 @@ class Settler:
         ok = pq.ExecStatus.TUPLES_OK
         if not results or any(r.status != ok for r in results) or results[0].ntuples != 1:
             return self._fail()
-        return self._conn is not None and self._conn.pgconn.status == pq.ConnStatus.OK
+        if self._conn.pgconn.status != pq.ConnStatus.OK:
+            return self._fail()
+        return True
 
     def _fail(self) -> bool:
         self.usable = False

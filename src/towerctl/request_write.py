@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import select
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -199,17 +198,14 @@ def sender(conn: psycopg.Connection, params: dict[str, Any]) -> Callable[[], Cal
     from psycopg.adapt import Transformer
     from psycopg.errors import error_from_result
 
-    from towerctl.db import results_of_query_in_flight
+    from towerctl.db import flush_sent, results_of_query_in_flight
 
     pgconn, encoding = conn.pgconn, conn.info.encoding
     values = [_text(params[name], encoding) for name in RECORD_PARAMS]
 
     def send() -> Callable[[], Any]:
         pgconn.send_query_params(RECORD_AHEAD, values)
-        while pgconn.flush():
-            readable, _, _ = select.select([pgconn.socket], [pgconn.socket], [])
-            if readable:
-                pgconn.consume_input()
+        flush_sent(pgconn)
         return receive
 
     def receive() -> Any:
