@@ -103,3 +103,49 @@ def raw_hidden(text: str) -> list[str]:
         if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
             found.append(f"U+{ord(ch):04X}")
     return found
+
+
+@dataclass(frozen=True)
+class Emulated:
+    """What a person would see: the screen a terminal emulator (pyte) drew from the bytes."""
+
+    lines: list[str]  # each row of the screen, trailing blanks removed
+    title: str  # the window title, which outside text must never set
+    colored: set[str]  # foreground colours drawn anywhere (besides "default")
+    bold_cells: int
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines).strip("\n")
+
+    def row_with(self, words: str) -> str:
+        """The one screen row holding `words`; fails the test if there is none."""
+        rows = [line for line in self.lines if words in line]
+        assert rows, f"{words!r} is not on the screen:\n{self.text}"
+        return rows[0]
+
+
+def emulate(data: bytes, columns: int = 120, rows: int = 400) -> Emulated:
+    """Feed `data` (as a pty delivered it) to a terminal emulator and read its screen."""
+    import pyte
+
+    screen = pyte.Screen(columns, rows)
+    stream = pyte.ByteStream(screen)
+    stream.feed(data)
+    colored, bold = set(), 0
+    for y in range(rows):
+        line = screen.buffer[y]
+        for x in range(columns):
+            cell = line[x]
+            if cell.fg != "default":
+                colored.add(cell.fg)
+            bold += cell.bold
+    return Emulated([row.rstrip() for row in screen.display], screen.title, colored, bold)
+
+
+def run_on_screen(
+    args: Sequence[str], env: dict[str, str], *, columns: int = 120, timeout: float = 60
+) -> tuple[int, Emulated]:
+    """towerctl `args` on a pty, and the screen a terminal would show afterwards."""
+    done = run_on_pty(args, env, timeout, columns=columns, stdin_closed=True)
+    return done.exit_code, emulate(done.text.encode("utf-8"), columns)

@@ -85,7 +85,7 @@ def export(
         cursor = transcripts.next_cursor(conn, selection)
         total = transcripts.count(conn, selection) if progress is not None else 0
         counter = _Counter(progress, total)
-        sink = Blocks(out, json_escape=options.fmt is not Format.csv, visible=options.visible)
+        sink = Blocks.for_format(out, options)
         if options.fmt in COPY_FORMATS:
             query = transcripts.copy_query(selection, options.fmt, raw=options.raw)
             copy = stack.enter_context(stack.enter_context(conn.cursor()).copy(query))
@@ -160,13 +160,25 @@ class Blocks:
     """Bytes gathered into blocks of whole rows, escaped, then written to `out`.
 
     JSON blocks pass through `escape_json_bytes` (DEL, C1, bidi and zero-width
-    characters as `\\uXXXX`; PostgreSQL's `to_json` escapes C0 already). On a terminal
+    characters as `\\uXXXX`; PostgreSQL's `to_json` escapes C0 already). With `visible`
     every block passes through `for_terminal` as well.
     """
 
     def __init__(self, out: BinaryOut, *, json_escape: bool, visible: bool) -> None:
         self.out, self.json_escape, self.visible = out, json_escape, visible
         self.buffer = bytearray()
+
+    @classmethod
+    def for_format(cls, out: BinaryOut, options: Options) -> Blocks:
+        """The sink for one format. Only bytes that come straight from the database (the
+        COPY formats) are sanitised here, as whole blocks: the table and Markdown are
+        sanitised cell by cell by `render`, and their own escape codes (rich's colours)
+        must reach the terminal as they are, or it shows them as text."""
+        return cls(
+            out,
+            json_escape=options.fmt in (Format.json, Format.ndjson),
+            visible=options.visible and options.fmt in COPY_FORMATS,
+        )
 
     def add(self, data: bytes | bytearray | memoryview) -> None:
         self.buffer += data

@@ -160,7 +160,7 @@ class Printer:
     def __init__(self, conn: psycopg.Connection, selection: Selection, options: Options,
                  out: BinaryOut) -> None:  # fmt: skip
         self.conn, self.selection, self.options = conn, selection, options
-        self.sink = Blocks(out, json_escape=options.fmt is Format.ndjson, visible=options.visible)
+        self.sink = Blocks.for_format(out, options)
         self.header = True
         self.printed = 0
 

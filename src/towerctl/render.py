@@ -167,14 +167,14 @@ def write_transcript_table(
     def new_table(header: bool) -> Table:
         table = Table(box=box.SIMPLE_HEAD, show_header=header, pad_edge=False, expand=True)
         table.add_column("id", justify="right", width=7, no_wrap=True)
-        table.add_column("time (UTC)", width=20, no_wrap=True)
+        table.add_column("time (UTC)", width=24, no_wrap=True)
         table.add_column("role", width=9, no_wrap=True)
         table.add_column("content", ratio=1, overflow="fold")
         return table
 
     table, rows, count = new_table(header), 0, 0
     for m in messages:
-        when = m.created_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        when = iso(m.created_at)
         style = role_style.get(m.role) if color else None
         table.add_row(str(m.id), when, m.role, table_cell(m.content, m.cut), style=style)
         rows += 1

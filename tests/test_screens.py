@@ -1,0 +1,168 @@
+"""The screens people read, read as a person would (SPEC 17).
+
+Each command runs on a real pseudo-terminal; what arrives is fed to a terminal
+emulator (pyte) and the tests assert on the emulated screen: the words in their
+cells, colours where a terminal gets colours, no escape code shown as text, and
+hostile content shown visibly without moving the cursor or setting the title.
+The same commands with NO_COLOR, and on a pipe, give plain text.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import psycopg
+import pytest
+
+import faults
+from conftest import CLI, OpenedSession, open_session
+from terminal import TOWERCTL, Emulated, emulate, read_pty, run_on_screen
+from towerctl.errors import ExitCode
+
+pytestmark = pytest.mark.timeout(90)
+
+# What an escape code looks like once a terminal has shown it as text instead of obeying it.
+SHOWN_CODE = re.compile(r"(\\x1b|\x1b)?\[[0-9;]*m")
+HOSTILE = "\x1b]0;pwned\x07\x1b[2Jcleared \u202eevil\u202c"
+
+
+@pytest.fixture
+def chat(cli: CLI, conn: psycopg.Connection) -> OpenedSession:
+    """A session with a plain exchange, then one with hostile content."""
+    opened = open_session(cli, deposit=500)
+    for message in ("hello tower", HOSTILE):
+        done = cli("session", "request", opened.id, message, "--macaroon", opened.macaroon)
+        assert done.exit_code == ExitCode.OK, done.stderr
+    return opened
+
+
+def colour_env(tower_env: dict[str, str]) -> dict[str, str]:
+    """The test environment as a person's terminal has it: colours allowed."""
+    env = faults.process_env(tower_env)
+    env.pop("NO_COLOR", None)
+    return env
+
+
+def assert_no_code_as_text(screen: Emulated) -> None:
+    assert SHOWN_CODE.search(screen.text) is None, screen.text
+
+
+def assert_hostile_shown_not_obeyed(screen: Emulated) -> None:
+    assert screen.title == ""  # the OSC did not set the window title
+    row = screen.row_with("cleared")
+    assert "\\x1b]0;pwned\\x07\\x1b[2Jcleared" in row  # shown visibly, in its cell
+    assert "\\u202eevil\\u202c" in row
+    assert "hello tower" in screen.text  # the clear-screen did not wipe earlier rows
+
+
+def messages_args(chat: OpenedSession, *extra: str) -> list[str]:
+    return ["session", "messages", chat.id, *extra, "--macaroon", chat.macaroon]
+
+
+def test_transcript_table_on_a_terminal_is_coloured_cells_not_codes(
+    chat: OpenedSession, tower_env: dict[str, str]
+) -> None:
+    code, screen = run_on_screen(messages_args(chat), colour_env(tower_env))
+    assert code == ExitCode.OK, screen.text
+    header = screen.row_with("time (UTC)")
+    assert header.split() == ["id", "time", "(UTC)", "role", "content"]
+    first = screen.row_with("hello tower").split()
+    assert first[0] == "1" and first[2] == "user" and first[3:] == ["hello", "tower"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first[1])  # milliseconds kept
+    assert screen.row_with("assistant").split()[0] == "2"
+    assert {"cyan", "green"} <= screen.colored and screen.bold_cells > 0
+    assert_no_code_as_text(screen)
+    assert_hostile_shown_not_obeyed(screen)
+
+
+def test_transcript_table_with_no_color_is_plain_on_a_terminal(
+    chat: OpenedSession, tower_env: dict[str, str]
+) -> None:
+    code, screen = run_on_screen(messages_args(chat), faults.process_env(tower_env))
+    assert code == ExitCode.OK, screen.text
+    assert screen.colored == set() and screen.bold_cells == 0
+    assert screen.row_with("hello tower").split()[2] == "user"
+    assert_no_code_as_text(screen)
+    assert_hostile_shown_not_obeyed(screen)
+
+
+def test_transcript_table_on_a_pipe_is_plain_text(
+    chat: OpenedSession, tower_env: dict[str, str]
+) -> None:
+    done = subprocess.run(
+        [*TOWERCTL, *messages_args(chat)],
+        env=colour_env(tower_env),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == ExitCode.OK, done.stderr
+    assert b"\x1b" not in done.stdout
+    assert b"hello tower" in done.stdout
+
+
+def test_follow_table_on_a_terminal_is_coloured_cells_not_codes(
+    chat: OpenedSession, tower_env: dict[str, str]
+) -> None:
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(
+            [*TOWERCTL, *messages_args(chat, "--follow")],
+            env={**colour_env(tower_env), "TERM": "xterm-256color", "COLUMNS": "120"},
+            stdin=subprocess.DEVNULL,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+        )
+    finally:
+        os.close(slave)
+    try:
+        data = read_pty(master, 30, until=lambda seen: b"cleared" in seen, proc=proc)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        data += read_pty(master, 30, proc=proc)
+        assert proc.wait(timeout=30) == ExitCode.OK
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    screen = emulate(data)
+    assert screen.row_with("hello tower").split()[2] == "user"
+    assert {"cyan", "green"} <= screen.colored
+    assert_no_code_as_text(screen)
+    assert_hostile_shown_not_obeyed(screen)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["session", "list"],
+        ["migrate", "status"],
+        ["doctor"],
+        ["--help"],
+        ["session", "messages", "--help"],
+    ],
+    ids=lambda args: " ".join(args),
+)
+def test_every_read_screen_shows_words_not_codes(
+    args: list[str], chat: OpenedSession, tower_env: dict[str, str]
+) -> None:
+    for env in (colour_env(tower_env), faults.process_env(tower_env)):
+        code, screen = run_on_screen(args, env)
+        assert code == ExitCode.OK, screen.text
+        assert screen.text.strip(), args
+        assert_no_code_as_text(screen)
+        assert screen.title == ""
+
+
+def test_session_show_on_a_terminal(chat: OpenedSession, tower_env: dict[str, str]) -> None:
+    code, screen = run_on_screen(["session", "show", chat.id], colour_env(tower_env))
+    assert code == ExitCode.OK, screen.text
+    assert chat.id in screen.row_with("session")
+    assert "active" in screen.text
+    assert_no_code_as_text(screen)
