@@ -14,6 +14,7 @@ import contextlib
 import os
 import pty
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -389,6 +390,65 @@ def test_dash_o_dash_is_stdout(
     assert result.exit_code == ExitCode.OK
     assert len(result.stdout.splitlines()) == MESSAGES
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small(cli: CLI, conn: psycopg.Connection) -> OpenedSession:
+    s = open_session(cli)
+    seed(conn, s.id, count=3)
+    return s
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["/dev/stdout", "/proc/self/fd/1", "/dev/fd/1", "linked"])
+def test_dash_o_naming_stdout_appends_to_the_log_it_is_redirected_to(
+    name: str, small: OpenedSession, tower_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`(echo before; towerctl ... -o /dev/stdout; echo after) >> cron.log` keeps the log."""
+    log = tmp_path / "cron.log"
+    log.write_text("earlier line\n")
+    log.chmod(0o644)
+    if name == "linked":  # a link of the user's own to the device
+        (tmp_path / "linked").symlink_to("/dev/stdout")
+        name = str(tmp_path / "linked")
+    export = " ".join(command(small, "ndjson", "-o", name))
+    script = f"(echo before; {export}; echo after) >> {log}"
+    done = subprocess.run(["bash", "-c", script], env=environment(tower_env),
+                          capture_output=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = log.read_text().splitlines()
+    assert lines[:2] == ["earlier line", "before"] and lines[-1] == "after"
+    assert len(lines) == 3 + 3
+    assert stat.S_IMODE(log.stat().st_mode) == 0o644
+    assert {p.name for p in tmp_path.iterdir()} <= {"cron.log", "linked"}  # nothing left
+
+
+@pytest.mark.timeout(60)
+def test_dash_o_naming_stdout_into_a_pipe_and_stderr_write_the_stream(
+    small: OpenedSession, tower_env: dict[str, str]
+) -> None:
+    done = subprocess.run(command(small, "ndjson", "-o", "/proc/self/fd/1"),
+                          env=environment(tower_env), capture_output=True, timeout=60)  # fmt: skip
+    assert done.returncode == ExitCode.OK, done.stderr
+    assert len(done.stdout.splitlines()) == 3
+    done = subprocess.run(command(small, "csv", "-o", "/dev/stderr"),
+                          env=environment(tower_env), capture_output=True, timeout=60)  # fmt: skip
+    assert done.returncode == ExitCode.OK, done.stderr
+    assert done.stdout == b"" and done.stderr.startswith(b"id,role,content")
+
+
+@pytest.mark.timeout(60)
+def test_dash_o_naming_a_device_writes_to_it(
+    small: OpenedSession, tower_env: dict[str, str]
+) -> None:
+    done = subprocess.run(command(small, "json", "-o", "/dev/null"),
+                          env=environment(tower_env), capture_output=True, timeout=60)  # fmt: skip
+    assert done.returncode == ExitCode.OK, done.stderr
+    assert os.path.exists("/dev/null") and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    done = subprocess.run(command(small, "json", "-o", "/dev/full"),
+                          env=environment(tower_env), capture_output=True, timeout=60)  # fmt: skip
+    assert done.returncode == ExitCode.WRITE_FAILED
+    assert "No space left" in one_line(done.stderr)
 
 
 @pytest.mark.timeout(60)

@@ -1,14 +1,17 @@
 """Files named by `-o`: written atomically (temporary file beside the target, fsync,
 rename), never through a symbolic link another user controls, with stale `.part`
 files of killed runs removed. A failed write is exit 10; the target stays as it was.
+Standard output, standard error and devices named by `-o` are written as streams.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
 from contextlib import suppress
+from dataclasses import dataclass
 
 from towerctl.cli.output import write_all
 from towerctl.errors import BadInput, WriteFailed
@@ -16,27 +19,73 @@ from towerctl.errors import BadInput, WriteFailed
 SYMLINK_HOPS = 40  # as the kernel's own limit
 
 
-def resolve_output(name: str) -> str:
-    """The real file `-o` names, or BadInput (exit 2).
+@dataclass(frozen=True)
+class Output:
+    """Where `-o` writes: a regular file (`path`, replaced atomically) or a stream (`fd`:
+    standard output or error, another open descriptor, a character device or a FIFO),
+    written as it is, as shell redirection would, so a `>>` log keeps its lines."""
+
+    path: str | None = None
+    fd: int | None = None
+
+
+STDOUT = Output(fd=1)
+# A descriptor of this process, however it is named: /dev/stdout and /dev/fd/N lead here.
+_OWN_DESCRIPTOR = re.compile(rf"/proc/(?:self|thread-self|{os.getpid()})/fd/(\d+)")
+
+
+def resolve_output(name: str) -> Output:
+    """What `-o NAME` names, or BadInput (exit 2).
 
     Symbolic links on the way are followed only when owned by the user or by root: a
-    link planted by another user (say in a sticky /tmp) is refused. The file must be
-    a regular file (new or existing) in a folder that exists; devices and pipes
-    belong to shell redirection.
+    link planted by another user (say in a sticky /tmp) is refused. A name that leads to
+    one of this process's descriptors (`/dev/stdout`, `/dev/stderr`, `/proc/self/fd/N`)
+    is that descriptor, never the file behind it; a character device or FIFO is opened
+    and written as a stream; anything else must be a regular file (new or existing) in a
+    folder that exists.
     """
     if not name:
         raise BadInput("-o needs a file name")
-    path = _resolve_trusted(name, os.path.join(os.getcwd(), name))
+    if name == "-":
+        return STDOUT
+    found = _resolve_trusted(name, os.path.join(os.getcwd(), name))
+    if found.fd is not None:
+        return found
+    path = found.path
+    assert path is not None
     if os.path.isdir(path):
         raise BadInput(f"-o {name!r} is a folder, not a file name")
     if os.path.lexists(path) and not os.path.isfile(path):
-        raise BadInput(f"-o {name}: not a regular file (use shell redirection for devices)")
+        return _open_stream(name, path)
     if not os.path.isdir(os.path.dirname(path)):
         raise BadInput(f"-o {name}: the folder does not exist")
-    return path
+    return Output(path=path)
 
 
-def _resolve_trusted(name: str, path: str) -> str:
+def _open_stream(name: str, path: str) -> Output:
+    """A character device or FIFO, opened for writing as it is (no truncation, no rename)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise BadInput(f"-o {name}: {error.strerror}") from None
+    if not (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        raise BadInput(f"-o {name}: not a regular file, character device or FIFO")
+    try:
+        return Output(fd=os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC))
+    except OSError as error:
+        raise BadInput(f"-o {name}: cannot open: {error.strerror}") from None
+
+
+def _descriptor(name: str, number: str) -> Output:
+    fd = int(number)
+    try:
+        os.fstat(fd)
+    except (OSError, OverflowError):
+        raise BadInput(f"-o {name}: descriptor {number} is not open") from None
+    return Output(fd=fd)
+
+
+def _resolve_trusted(name: str, path: str) -> Output:
     trusted = {0, os.geteuid()}
     pending = [part for part in path.split("/") if part]
     resolved, hops = "/", 0
@@ -48,6 +97,9 @@ def _resolve_trusted(name: str, path: str) -> str:
             resolved = os.path.dirname(resolved)
             continue
         candidate = os.path.join(resolved, part)
+        own = _OWN_DESCRIPTOR.fullmatch(candidate)
+        if own and not pending:
+            return _descriptor(name, own.group(1))
         try:
             info = os.lstat(candidate)
         except OSError:
@@ -68,7 +120,7 @@ def _resolve_trusted(name: str, path: str) -> str:
         if target.startswith("/"):
             resolved = "/"
         pending = [p for p in target.split("/") if p] + pending
-    return resolved
+    return Output(path=resolved)
 
 
 def remove_stale_parts(path: str) -> list[str]:

@@ -116,15 +116,19 @@ class TextSink:
         return bool(self._stream.isatty())
 
 
-def binary_stdout() -> FdSink | TextSink:
-    """Stdout for bytes: its file descriptor when it has one (after flushing the text layer)."""
-    stream = sys.stdout
-    stream.flush()
+def binary_stdout(fd: int = 1) -> FdSink | TextSink:
+    """Stdout (or stderr, or another open descriptor) for bytes: its file descriptor when
+    it has one, after flushing the text layers written so far."""
+    texts = {1: sys.stdout, 2: sys.stderr}
+    for text in texts.values():
+        text.flush()
+    stream = texts.get(fd)
+    if stream is None:
+        return FdSink(fd)
     try:
-        fd = stream.fileno()
+        return FdSink(stream.fileno())
     except (AttributeError, OSError, ValueError):
         return TextSink(stream)
-    return FdSink(fd)
 
 
 @contextmanager

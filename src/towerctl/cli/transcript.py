@@ -50,7 +50,8 @@ def messages(
         None,
         "--output",
         "-o",
-        help="Write to FILE atomically (temporary file, then rename); '-' is stdout.",
+        help="Write to FILE atomically (temporary file, then rename); '-', /dev/stdout, "
+        "/dev/stderr and devices are written to as streams.",
     ),
     raw: bool = typer.Option(
         False,
@@ -69,7 +70,7 @@ def messages(
 ) -> None:
     """Print or export a session's messages in order (needs a macaroon with scope read)."""
     from towerctl import export, transcripts
-    from towerctl.cli.outfile import atomic_file, resolve_output
+    from towerctl.cli.outfile import STDOUT, atomic_file, resolve_output
     from towerctl.cli.output import Terminated, binary_stdout
 
     chosen = fmt
@@ -79,13 +80,13 @@ def messages(
     if follow:
         _follow(ctx, selection, fmt, output, macaroon, macaroon_file)
         return
-    target = None if output is None or output == "-" else resolve_output(output)
+    target = STDOUT if output is None else resolve_output(output)
     conn, _ = authorized_session(ctx, session_id, macaroon, macaroon_file, "read")
     transcripts.check_selection(conn, selection)
     try:
         with sigterm_raises():
-            if target is None:
-                out = binary_stdout()
+            if target.path is None:
+                out = binary_stdout(1 if target.fd is None else target.fd)
                 on_terminal = out.isatty()
                 options = export.Options(
                     chosen,
@@ -97,14 +98,14 @@ def messages(
                 done = export.export(conn, selection, options, out)
             else:
                 options = export.Options(chosen, raw=raw)
-                with atomic_file(target) as handle, _progress_bar() as progress:
+                with atomic_file(target.path) as handle, _progress_bar() as progress:
                     done = export.export(conn, selection, options, handle, progress=progress)
     except Terminated:
         note("towerctl: terminated")
         raise typer.Exit(143) from None
-    if target is not None:
+    if target.path is not None:
         count = done.messages
-        note(f"wrote {count} message{'s' if count != 1 else ''} to {target}")
+        note(f"wrote {count} message{'s' if count != 1 else ''} to {target.path}")
     elif done.next_cursor is not None and chosen is not transcripts.Format.json:
         note(f"more messages follow: --after {done.next_cursor}")
 
