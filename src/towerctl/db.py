@@ -32,6 +32,30 @@ def describe(url: str) -> str:
     return f"{where}/{dbname}" if dbname else where
 
 
+def safe_url(url: str) -> str:
+    """The URL (or libpq string) as a URL without its password, safe to print."""
+    from urllib.parse import quote, urlencode
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = {k: str(v) for k, v in conninfo_to_dict(url).items() if v is not None}
+    except Exception:
+        return "the configured database (its URL cannot be parsed)"
+    params.pop("password", None)
+    user = quote(params.pop("user", ""), safe="")
+    host = params.pop("host", "")
+    port = params.pop("port", "")
+    dbname = quote(params.pop("dbname", ""), safe="")
+    if host.startswith("/") or "," in host:  # a socket folder or several hosts: a parameter
+        params = {"host": host, **({"port": port} if port.strip(",") else {}), **params}
+        host = port = ""
+    where = f"{user}@" if user else ""
+    where += host + (f":{port}" if port else "")
+    query = f"?{urlencode(params)}" if params else ""
+    return f"postgresql://{where}/{dbname}{query}"
+
+
 def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else "no detail given"

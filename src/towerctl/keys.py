@@ -2,7 +2,9 @@
 
 Keys are hex on one line (at least 32 bytes). The current key comes from
 `TOWER_ROOT_KEY`, `TOWER_ROOT_KEY_FILE`, or `$TOWER_HOME/root.key` (created
-with mode 0600 on first need). Old keys, for a rotation, come from
+with mode 0600 by the first command that mints; commands that only read or
+verify never create a key). `rotate()` makes a new current key in the home and
+keeps the old one for verifying. Old keys, for a rotation, come from
 `TOWER_OLD_ROOT_KEYS` (comma-separated hex) and `TOWER_OLD_ROOT_KEYS_FILE`
 (default `$TOWER_HOME/old-root.keys`, one hex key per line). A key's id is
 derived from the key, so tokens name the key that signed them.
@@ -19,11 +21,12 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from towerctl import config
-from towerctl.errors import BadInput
+from towerctl.errors import BadInput, NotFound, Unauthorized
 
 MIN_KEY_BYTES = 32
 MAX_KEY_FILE_BYTES = 64 * 1024  # a key file holds a few hex lines; more is not a key file
@@ -42,8 +45,11 @@ class KeyRing:
     def current_id(self) -> str:
         return key_id(self.current)
 
+    def known(self) -> tuple[bytes, ...]:
+        return (self.current, *self.old)
+
     def find(self, kid: str) -> bytes | None:
-        for key in (self.current, *self.old):
+        for key in self.known():
             if key_id(key) == kid:
                 return key
         return None
@@ -100,20 +106,25 @@ def _read_private_file(path: Path, what: str) -> str:
         raise BadInput(f"{what} {path} is not text") from None
 
 
+def _write_new_key(temp: Path) -> None:
+    """A new random key in a fresh private file (0600 under any umask), on disk."""
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(MIN_KEY_BYTES) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def _create_key_file(path: Path) -> None:
-    """Write a new key to `path`, 0600 under any umask, never over an existing file.
+    """Write a new key to `path`, never over an existing file.
 
     The key is written to a fresh private file first and then linked into place,
     so no reader ever sees a half-written key and a key that exists is kept.
     """
     temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.new")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(MIN_KEY_BYTES) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_new_key(temp)
         with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
             os.link(temp, path)
     finally:
@@ -121,7 +132,25 @@ def _create_key_file(path: Path) -> None:
             os.unlink(temp)
 
 
-def current_key() -> bytes:
+def home_key_path() -> Path:
+    return config.home() / "root.key"
+
+
+def old_keys_path() -> Path:
+    explicit = os.environ.get("TOWER_OLD_ROOT_KEYS_FILE")
+    return Path(explicit) if explicit else config.home() / "old-root.keys"
+
+
+def key_source() -> str:
+    """Where the current key comes from, for people: a variable's name or a file's path."""
+    if os.environ.get("TOWER_ROOT_KEY"):
+        return "TOWER_ROOT_KEY"
+    return os.environ.get("TOWER_ROOT_KEY_FILE") or str(home_key_path())
+
+
+def current_key(*, create: bool = False) -> bytes:
+    """The key that mints. `create`: make `$TOWER_HOME/root.key` when there is none (only
+    commands that mint ask); otherwise a missing key is refused, saying where to point."""
     explicit = os.environ.get("TOWER_ROOT_KEY")
     if explicit:
         return parse_key(explicit, "TOWER_ROOT_KEY")
@@ -129,9 +158,18 @@ def current_key() -> bytes:
     if file_name:
         path = Path(file_name)
         return parse_key(_read_private_file(path, "root key file"), str(path))
-    path = config.ensure_home() / "root.key"
+    path = home_key_path()
     if not path.exists() and not path.is_symlink():
+        if not create:
+            raise Unauthorized(
+                f"no root key: {path} does not exist",
+                hint="set TOWER_ROOT_KEY_FILE or TOWER_ROOT_KEY to the key that minted the "
+                "token; only commands that mint create a key",
+            )
+        config.ensure_home()
         _create_key_file(path)
+    else:
+        config.ensure_home()
     return parse_key(_read_private_file(path, "root key file"), str(path))
 
 
@@ -140,9 +178,8 @@ def old_keys() -> tuple[bytes, ...]:
     inline = os.environ.get("TOWER_OLD_ROOT_KEYS", "")
     for n, part in enumerate(p for p in inline.split(",") if p.strip()):
         keys.append(parse_key(part, f"TOWER_OLD_ROOT_KEYS (entry {n + 1})"))
-    file_name = os.environ.get("TOWER_OLD_ROOT_KEYS_FILE")
-    path = Path(file_name) if file_name else config.home() / "old-root.keys"
-    if file_name or path.exists():
+    path = old_keys_path()
+    if os.environ.get("TOWER_OLD_ROOT_KEYS_FILE") or path.exists():
         text = _read_private_file(path, "old root keys file")
         for n, line in enumerate(text.splitlines()):
             if line.strip() and not line.lstrip().startswith("#"):
@@ -150,5 +187,74 @@ def old_keys() -> tuple[bytes, ...]:
     return tuple(keys)
 
 
-def load_ring() -> KeyRing:
-    return KeyRing(current=current_key(), old=old_keys())
+def load_ring(*, create: bool = False) -> KeyRing:
+    """The ring for verifying (`create`: for minting, making the home's key if needed)."""
+    return KeyRing(current=current_key(create=create), old=old_keys())
+
+
+def current_key_id() -> str:
+    """The current key's id; NotFound (exit 4) when there is no key yet."""
+    try:
+        return key_id(current_key())
+    except Unauthorized:
+        raise NotFound(
+            f"no root key yet: {home_key_path()} is created by the first command that mints"
+            " (session open, macaroon mint)"
+        ) from None
+
+
+def rotate() -> tuple[str, str]:
+    """A new current key in `$TOWER_HOME/root.key`; the old one is appended to the old keys
+    file (0600) first, so tokens it signed keep verifying whatever happens in between.
+    Returns (old key id, new key id). Refused (exit 2) when the key is set elsewhere."""
+    if os.environ.get("TOWER_ROOT_KEY") or os.environ.get("TOWER_ROOT_KEY_FILE"):
+        raise BadInput(
+            f"the root key comes from {key_source()}: rotate it where it is kept",
+            hint="put the old key in TOWER_OLD_ROOT_KEYS_FILE so its tokens keep verifying",
+        )
+    home = config.ensure_home()
+    with _locked(home):
+        old = current_key(create=True)
+        old_keys()  # an old keys file that would be refused is refused before any change
+        _append_private(old_keys_path(), old.hex() + "\n")
+        path = home_key_path()
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.new")
+        try:
+            _write_new_key(temp)
+            os.replace(temp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+        _fsync_folder(home)
+        return key_id(old), key_id(current_key())
+
+
+@contextlib.contextmanager
+def _locked(home: Path) -> Iterator[None]:
+    """One rotation at a time per home (an advisory lock on the folder itself)."""
+    import fcntl
+
+    fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _append_private(path: Path, line: str) -> None:
+    """Append to a key file of the user's own, created 0600 under any umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "a") as handle:
+        os.fchmod(fd, 0o600)
+        handle.write(line)
+        handle.flush()
+        os.fsync(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

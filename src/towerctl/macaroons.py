@@ -26,6 +26,7 @@ from typing import Any
 from uuid import UUID
 
 from towerctl.keys import KeyRing
+from towerctl.keys import key_id as ring_key_id
 
 SCOPES = ("read", "request")
 DEFAULT_LOCATION = "timmy-tower"
@@ -212,7 +213,12 @@ def check_signature(ring: KeyRing, token: str, *, location: str = DEFAULT_LOCATI
         raise TokenRefused("not a towerctl macaroon (unknown identifier format)")
     key = ring.find(info.key_id)
     if key is None:
-        raise TokenRefused(f"signed with an unknown root key (key id {info.key_id})")
+        known = ", ".join(ring_key_id(k) for k in ring.known())
+        raise TokenRefused(
+            f"signed with an unknown root key (key id {info.key_id}; this towerctl knows "
+            f"{known}: point TOWER_ROOT_KEY_FILE at the key that minted it, or list it in "
+            "TOWER_OLD_ROOT_KEYS_FILE)"
+        )
     for caveat in info.caveats:
         if not _known(caveat):
             raise TokenRefused("carries a caveat towerctl does not understand")

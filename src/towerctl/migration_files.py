@@ -199,7 +199,16 @@ def tree_or_none(migration: Migration) -> str | None:
 
 
 def new_file(directory: Path, name: str) -> Path:
-    """Write the next numbered, empty migration file and return its path."""
+    """Write the next numbered, empty migration file and return its path; never into the
+    installed package's own migrations (every store of that install would see it)."""
+    packaged = Path(__file__).parent / "sql"
+    if packaged.is_dir() and directory.resolve() == packaged.resolve():
+        raise BadInput(
+            f"{directory} holds the migrations installed with towerctl; a new file there "
+            "would be pending for every store of this install",
+            hint="write your migrations in a folder of your own: --dir, TOWER_MIGRATIONS_DIR "
+            "or ./migrations",
+        )
     if not MIGRATION_NAME.match(name) or len(name) > 200:
         raise BadInput(
             f"migration name {name!r} must be ASCII letters, digits, '_', '.' or '-' "

@@ -27,6 +27,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "session": ("towerctl.cli.session:app", "Sessions: balances, requests and transcripts."),
     "macaroon": ("towerctl.cli.macaroon:app", "Macaroons that authorise work on one session."),
     "doctor": ("towerctl.cli.doctor:doctor", "Check the store's invariants (ledger, messages)."),
+    "context": (
+        "towerctl.cli.context:context",
+        "Which database, home, migrations and root key are in use.",
+    ),
+    "key": ("towerctl.cli.key:app", "The root key that mints macaroons: show, rotate."),
     "completion": (
         "towerctl.cli.completion:completion",
         "Print the shell completion script for bash, zsh or fish.",

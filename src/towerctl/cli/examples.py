@@ -9,16 +9,19 @@ EXAMPLES: dict[tuple[str, ...], tuple[str, ...]] = {
         "towerctl migrate --dry-run            # what would run, every check made",
         "towerctl migrate                      # apply what is pending",
         "towerctl migrate status --check       # exit 7 unless up to date",
-        "towerctl migrate new add_index        # the next numbered, empty file",
+        "towerctl migrate new add_index --dir migrations  # your next numbered, empty file",
     ),
     ("session", "request"): (
         'towerctl session request "$SESSION" "Summarise this" --macaroon-file user.token',
         'echo "a long question" | towerctl session request "$SESSION" - --macaroon-file user.token',
-        'towerctl session request "$SESSION" "hi" --idempotency-key k-1 --json',
-        "jq -c '{message: .text}' questions.json | towerctl session request \"$SESSION\" --batch",
+        'towerctl session request "$SESSION" "hi" --idempotency-key k-1 --json '
+        "--macaroon-file user.token",
+        "jq -c '{message: .text}' questions.json | towerctl session request \"$SESSION\" --batch "
+        "--macaroon-file user.token",
     ),
     ("session", "messages"): (
         'towerctl session messages "$SESSION" --macaroon-file user.token',
+        "export TOWER_MACAROON_FILE=user.token    # for the lines below",
         'towerctl session messages "$SESSION" --format ndjson | jq -r .content',
         'towerctl session messages "$SESSION" --format json --limit 100 --after 250',
         'towerctl session messages "$SESSION" --format markdown -o ticket.md',

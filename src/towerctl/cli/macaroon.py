@@ -53,7 +53,7 @@ def mint(
     from towerctl import config, keys, macaroons, sessions
 
     scopes = _scopes(scope)
-    ring = keys.load_ring()
+    ring = keys.load_ring(create=True)
     session = sessions.get_session(connect(ctx), session_id)
     token = macaroons.mint(
         ring,

@@ -240,12 +240,36 @@ def new(
     name: str = typer.Argument(..., help="What the migration does, e.g. add_session_tags."),
     directory: Path | None = DIR_OPTION,
 ) -> None:
-    """Write the next numbered, empty migration file and print its path."""
+    """Write the next numbered, empty migration file into --dir, TOWER_MIGRATIONS_DIR or
+    ./migrations (never the installed package) and print its path."""
     from towerctl import migrations
 
     _refuse_group_options(ctx, "new")
-    path = migrations.new_file(_directory(ctx, directory), name)
+    path = migrations.new_file(_new_file_directory(ctx, directory), name)
     sys.stdout.write(f"{path}\n")
+
+
+def _new_file_directory(ctx: typer.Context, path: Path | None) -> Path:
+    """Where `migrate new` writes: --dir, TOWER_MIGRATIONS_DIR, or ./migrations (as dbmate
+    does); never the packaged migrations, which `migrate` applies by default."""
+    import os
+
+    from towerctl.errors import BadInput
+
+    given = path or _group(ctx).directory
+    if given is not None:
+        return given
+    explicit = os.environ.get("TOWER_MIGRATIONS_DIR")
+    if explicit:
+        return Path(explicit)
+    local = Path("migrations")
+    if not local.is_dir():
+        raise BadInput(
+            "migrate new needs your migrations folder: --dir PATH, TOWER_MIGRATIONS_DIR, "
+            "or a ./migrations folder (there is none here)",
+            hint="the packaged migrations are towerctl's own; 'towerctl context' shows them",
+        )
+    return local
 
 
 @app.command("repair")

@@ -44,7 +44,7 @@ def open_(
 
     from towerctl import config, keys, macaroons, sessions
 
-    ring = keys.load_ring()
+    ring = keys.load_ring(create=True)
     session = sessions.open_session(connect(ctx), deposit)
     token = macaroons.mint(
         ring,
@@ -118,7 +118,7 @@ MACAROON_OPTION = typer.Option(
 MACAROON_FILE_OPTION = typer.Option(
     None,
     "--macaroon-file",
-    help="Read the macaroon from this file (- = stdin).",
+    help="Read the macaroon from this file (- = stdin) [env: TOWER_MACAROON_FILE].",
     show_default=False,
 )
 

@@ -113,29 +113,35 @@ def stdin_bytes() -> IO[bytes]:
 
 
 def read_token(token: str | None, token_file: str | None = None) -> str | None:
-    """A macaroon from `--macaroon`, `--macaroon-file` (`-` = stdin) or TOWER_MACAROON.
+    """A macaroon from `--macaroon`, `--macaroon-file` (`-` = stdin), TOWER_MACAROON or
+    TOWER_MACAROON_FILE (a file holding it).
 
     A TOKEN argument of `-` also reads stdin, so tokens stay out of `ps` and shell history.
     Every source is bounded (`bounds.TOKEN_BYTES`): past it, exit 2.
     """
     import os
 
-    from towerctl.errors import BadInput
-
     if token == "-" or (not token and token_file == "-"):
         return _read_token_line(stdin_bytes(), "stdin")
     if token:
         return _token_text(token.encode("utf-8", "surrogateescape"), "--macaroon")
     if token_file:
-        try:
-            with open(token_file, "rb") as handle:
-                return _read_token_line(handle, "--macaroon-file")
-        except OSError as error:
-            raise BadInput(
-                f"cannot read --macaroon-file {token_file}: {error.strerror or 'unreadable'}"
-            ) from None
+        return _token_file(token_file, "--macaroon-file")
     env = os.environ.get("TOWER_MACAROON")
-    return _token_text(env.encode("utf-8", "surrogateescape"), "TOWER_MACAROON") if env else None
+    if env:
+        return _token_text(env.encode("utf-8", "surrogateescape"), "TOWER_MACAROON")
+    env_file = os.environ.get("TOWER_MACAROON_FILE")
+    return _token_file(env_file, "TOWER_MACAROON_FILE") if env_file else None
+
+
+def _token_file(name: str, source: str) -> str:
+    from towerctl.errors import BadInput
+
+    try:
+        with open(name, "rb") as handle:
+            return _read_token_line(handle, source)
+    except OSError as error:
+        raise BadInput(f"cannot read {source} {name}: {error.strerror or 'unreadable'}") from None
 
 
 _TOKEN_CHARS = re.compile(r"[A-Za-z0-9_\-+/=]+")
