@@ -234,7 +234,7 @@ def run(argv: list[str] | None = None) -> int:
     except typer_adapter.ClickException as error:  # usage errors from the parser
         ctx = getattr(error, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        message = hide_tokens(_one_suggestion(error.format_message()), args, usage=True)
+        message = hide_tokens(_one_suggestion(typer_adapter.usage_message(error)), args, usage=True)
         # The parser may refuse a value before it reaches --json: look at the words.
         options = args[: args.index("--")] if "--" in args else args
         return _fail(f"{message}{hint}", ExitCode.BAD_INPUT, json_wanted="--json" in options)

@@ -12,7 +12,8 @@ relies on these behaviours of its bundled Click, and on nothing else of it:
   code 2) carrying the context of the command they concern; a group given no command
   under `no_args_is_help` is a `NoArgsIsHelpError`. `cli.run` turns them into one
   stderr line and the contract's exit code (towerctl prints the help and exits 0 for
-  a bare group).
+  a bare group). Since 0.29 Typer coerces values through pydantic, whose messages
+  for a `parser=` or choice refusal begin "Value error, ": `usage_message` drops it.
 - The types of the parser's objects (`Context`, `Command`, `HelpFormatter`), which the
   lazily loaded root group (`cli.LazyGroup`, a `typer.core.TyperGroup`) and the help
   examples receive.
@@ -42,7 +43,12 @@ ClickException = _exceptions.ClickException
 UsageError = _exceptions.UsageError
 NoArgsIsHelpError = _exceptions.NoArgsIsHelpError
 
-SHELLS = ("bash", "zsh", "fish")
+PYDANTIC_PREFIX = "Value error, "
+
+
+def usage_message(error: ClickException) -> str:
+    """What the parser refused, in its own words, without pydantic's prefix."""
+    return error.format_message().replace(PYDANTIC_PREFIX, "")
 
 
 def completion_script(command: Command, shell: str, prog_name: str, complete_var: str) -> str:
