@@ -26,7 +26,7 @@ def complete(words: str, env: dict[str, str]) -> list[str]:
         [*faults.TOWERCTL],
         env={
             **env,
-            "_TOWERCTL_COMPLETE": "bash_complete",
+            "_TOWERCTL_COMPLETE": "complete_bash",
             "COMP_WORDS": words,
             "COMP_CWORD": str(len(parts) - 1),
         },
@@ -37,7 +37,7 @@ def complete(words: str, env: dict[str, str]) -> list[str]:
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
-    return [line.split(",", 1)[1] for line in done.stdout.splitlines() if line]
+    return [line for line in done.stdout.splitlines() if line]
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])

@@ -4,11 +4,11 @@ still lists every command."""
 
 from __future__ import annotations
 
-import click
 import pytest
 
 from conftest import CLI
 from towerctl.cli import SUBCOMMANDS, LazyGroup, app
+from towerctl.cli.typer_adapter import Command
 from towerctl.errors import ExitCode
 
 
@@ -18,12 +18,12 @@ def every_command() -> list[tuple[str, ...]]:
 
     root = typer.main.get_command(app)
     assert isinstance(root, LazyGroup)
-    ctx = click.Context(root)
+    ctx = typer.Context(root)
     found: list[tuple[str, ...]] = []
 
-    def walk(command: click.Command, path: tuple[str, ...]) -> None:
+    def walk(command: Command, path: tuple[str, ...]) -> None:
         found.append(path)
-        if isinstance(command, click.Group):
+        if isinstance(command, typer.core.TyperGroup):
             for name in command.list_commands(ctx):
                 sub = command.get_command(ctx, name)
                 assert sub is not None, name

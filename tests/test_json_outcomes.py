@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import uuid
 
-import click
 import pytest
 
 from conftest import CLI
@@ -24,12 +23,12 @@ def test_every_json_flag_is_the_shared_option() -> None:
     from towerctl.cli import app
 
     root = typer.main.get_command(app)
-    ctx = click.Context(root)
+    ctx = typer.Context(root)
     seen = 0
     for path in every_command():
-        command: click.Command = root
+        command = root
         for name in path:
-            assert isinstance(command, click.Group)
+            assert isinstance(command, typer.core.TyperGroup)
             found = command.get_command(ctx, name)
             assert found is not None
             command = found

@@ -8,18 +8,19 @@ import os
 import sys
 from typing import Any
 
-import click
 import typer
 import typer.core
 import typer.main
 
 from towerctl import __version__
+from towerctl.cli import typer_adapter
 from towerctl.cli.output import PipeGuard, StdoutClosed
 from towerctl.cli.state import ARGV, CURRENT, State, hide_tokens
+from towerctl.cli.typer_adapter import Command, Context, HelpFormatter
 from towerctl.errors import ExitCode, TowerError, WriteFailed
 
 # name -> (module:attribute, one-line summary). The module is imported when the
-# command runs (Click's documented lazy loading), so `--version` and a command's
+# command runs (through `typer.core.TyperGroup.get_command`), so `--version` and a command's
 # own work never pay for the others; the summary serves the top-level help.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "migrate": ("towerctl.cli.migrate:app", "Apply and inspect the numbered SQL migrations."),
@@ -40,8 +41,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 COMPLETE_VAR = "_TOWERCTL_COMPLETE"
 
 
-def _load(target: str, name: str) -> click.Command:
-    """The click command for `module:attribute` (a Typer app, or a function for one command)."""
+def _load(target: str, name: str) -> Command:
+    """The parser's command for `module:attribute` (a Typer app, or a function for one command)."""
     module_name, attribute = target.split(":")
     value: Any = getattr(importlib.import_module(module_name), attribute)
     for extra in LOADED_WITH.get(name, ()):
@@ -54,7 +55,7 @@ def _load(target: str, name: str) -> click.Command:
         holder.command(name)(value)
         holder.callback()(lambda: None)  # keep a group, so the command keeps its name
     group = typer.main.get_command(holder)
-    assert isinstance(group, click.Group)
+    assert isinstance(group, typer.core.TyperGroup)
     command = group.commands[name]
     _full_summaries(command)
     from towerctl.cli.examples import add_examples  # only once a sub-command is loaded
@@ -63,7 +64,7 @@ def _load(target: str, name: str) -> click.Command:
     return command
 
 
-def _full_summaries(command: click.Command) -> None:
+def _full_summaries(command: Command) -> None:
     """Help lists show each command's whole first sentence, never one cut with "..."."""
     for sub in getattr(command, "commands", {}).values():
         if sub.short_help is None and sub.help:
@@ -80,28 +81,30 @@ LOADED_WITH: dict[str, tuple[str, ...]] = {
 class LazyGroup(typer.core.TyperGroup):
     """The root group: sub-commands are imported on first use."""
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx: Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(SUBCOMMANDS))
 
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
         if cmd_name not in self.commands and cmd_name in SUBCOMMANDS:
             self.add_command(_load(SUBCOMMANDS[cmd_name][0], cmd_name), cmd_name)
         return super().get_command(ctx, cmd_name)
 
     def resolve_command(
-        self, ctx: click.Context, args: list[str]
-    ) -> tuple[str | None, click.Command | None, list[str]]:
-        try:
-            return click.Group.resolve_command(self, ctx, args)
-        except click.UsageError as error:
+        self, ctx: Context, args: list[str]
+    ) -> tuple[str | None, Command | None, list[str]]:
+        # Typer suggests only among the commands already loaded: suggest among them all.
+        name = args[0] if args else ""
+        known = self.list_commands(ctx)
+        if name and name[0] != "-" and not ctx.resilient_parsing and name not in known:
             from difflib import get_close_matches
 
-            if args and (match := get_close_matches(args[0], self.list_commands(ctx), n=1)):
-                hint = f"{error.format_message().rstrip('.')}. Did you mean {match[0]!r}?"
-                raise click.UsageError(hint, ctx) from None
-            raise
+            hint = ""
+            if match := get_close_matches(name, known, n=1):
+                hint = f" Did you mean {match[0]!r}?"
+            ctx.fail(f"No such command {name!r}.{hint}")
+        return super().resolve_command(ctx, args)
 
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_commands(self, ctx: Context, formatter: HelpFormatter) -> None:
         rows = [(name, SUBCOMMANDS[name][1]) for name in sorted(SUBCOMMANDS)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
@@ -193,12 +196,10 @@ def _one_suggestion(message: str) -> str:
 
 
 def _complete(instruction: str) -> int:
-    """Answer the completion script's question with Click's own completion machinery."""
-    from click.shell_completion import shell_complete
-
+    """Answer the completion script's question with Typer's completion machinery."""
     try:
-        return shell_complete(
-            typer.main.get_command(app), {}, "towerctl", COMPLETE_VAR, instruction
+        return typer_adapter.complete(
+            typer.main.get_command(app), "towerctl", COMPLETE_VAR, instruction
         )
     except Exception:  # never a traceback into a shell prompt
         return 1
@@ -226,18 +227,19 @@ def run(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a reader gone or a full device shows here: exit 0 or 10
     except TowerError as error:
         return _fail(hide_tokens(str(error), args), int(error.exit_code))
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         return int(done.exit_code)
-    except click.exceptions.NoArgsIsHelpError as bare:
+    except typer_adapter.NoArgsIsHelpError as bare:
         # `towerctl` or `towerctl session` alone: the help on stdout, exit 0 (as gh does).
+        assert bare.ctx is not None
         sys.stdout.write(bare.ctx.get_help() + "\n")
         return ExitCode.OK
-    except click.exceptions.Abort:
+    except typer.Abort:
         return _fail("aborted", 130)
-    except click.ClickException as error:  # usage errors from the parser
+    except typer_adapter.ClickException as error:  # usage errors from the parser
         ctx = getattr(error, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        message = hide_tokens(_one_suggestion(error.format_message()), args, usage=True)
+        message = hide_tokens(_one_suggestion(typer_adapter.usage_message(error)), args, usage=True)
         # The parser may refuse a value before it reaches --json: look at the words.
         options = args[: args.index("--")] if "--" in args else args
         return _fail(f"{message}{hint}", ExitCode.BAD_INPUT, json_wanted="--json" in options)

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import sys
+from typing import Literal
 
-import click
 import typer
 
-SHELLS = ("bash", "zsh", "fish")
+Shell = Literal["bash", "zsh", "fish"]
 
 
 def completion(
-    shell: str = typer.Argument(..., click_type=click.Choice(SHELLS), help="bash, zsh or fish."),
+    shell: Shell = typer.Argument(..., help="bash, zsh or fish."),
 ) -> None:
     """Print the shell completion script for bash, zsh or fish.
 
@@ -23,11 +23,9 @@ def completion(
       fish: towerctl completion fish > ~/.config/fish/completions/towerctl.fish
     """
     import typer.main
-    from click.shell_completion import get_completion_class
 
     from towerctl.cli import COMPLETE_VAR, app
+    from towerctl.cli.typer_adapter import completion_script
 
-    kind = get_completion_class(shell)
-    assert kind is not None
-    script = kind(typer.main.get_command(app), {}, "towerctl", COMPLETE_VAR).source()
+    script = completion_script(typer.main.get_command(app), shell, "towerctl", COMPLETE_VAR)
     sys.stdout.write(script if script.endswith("\n") else script + "\n")

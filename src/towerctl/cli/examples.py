@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import click
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from towerctl.cli.typer_adapter import Command
 
 EXAMPLES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("migrate",): (
@@ -33,7 +36,7 @@ EXAMPLES: dict[tuple[str, ...], tuple[str, ...]] = {
 }
 
 
-def add_examples(command: click.Command, path: tuple[str, ...]) -> None:
+def add_examples(command: Command, path: tuple[str, ...]) -> None:
     """Put the examples of `path` and of every sub-command below it into their help."""
     lines = EXAMPLES.get(path)
     if lines:

@@ -11,7 +11,12 @@ from uuid import UUID
 
 import typer
 
-from towerctl.cli.params import DURATION, JSON_OPTION, SESSION_ID, session_id_argument
+from towerctl.cli.params import (
+    JSON_OPTION,
+    duration_option,
+    session_id_argument,
+    session_id_option,
+)
 from towerctl.cli.state import connect, note, print_json, read_token
 
 app = typer.Typer(help="Macaroons that authorise work on one session.", no_args_is_help=True)
@@ -45,9 +50,7 @@ def mint(
     ctx: typer.Context,
     session_id: UUID = session_id_argument("SESSION_ID"),
     scope: str = typer.Option("read,request", "--scope", help="Comma-separated: read, request."),
-    lifetime: timedelta = typer.Option(
-        "24h", "--ttl", click_type=DURATION, help="Lifetime: 90s, 15m, 24h, 7d."
-    ),
+    lifetime: timedelta = duration_option("24h", "--ttl", "Lifetime: 90s, 15m, 24h, 7d."),
 ) -> None:
     """Mint a macaroon for one session; prints the token alone."""
     from towerctl import config, keys, macaroons, sessions
@@ -106,9 +109,7 @@ def inspect(token: str = TOKEN, as_json: bool = JSON_OPTION) -> None:
 def verify(
     ctx: typer.Context,
     token: str = TOKEN,
-    session: UUID | None = typer.Option(
-        None, "--session", click_type=SESSION_ID, help="Require this session."
-    ),
+    session: UUID | None = session_id_option("--session", "Require this session."),
     scope: str | None = typer.Option(None, "--scope", help="Require this scope."),
 ) -> None:
     """Check a token: signature, caveats, expiry, revocation (exit 3 when it fails)."""
@@ -137,9 +138,7 @@ def verify(
 def attenuate(
     token: str = TOKEN,
     scope: str | None = typer.Option(None, "--scope", help="Narrow to these scopes."),
-    ttl: timedelta | None = typer.Option(
-        None, "--ttl", click_type=DURATION, help="Expire sooner: 90s, 15m, 24h, 7d."
-    ),
+    ttl: timedelta | None = duration_option(None, "--ttl", "Expire sooner: 90s, 15m, 24h, 7d."),
 ) -> None:
     """Add narrowing caveats (no root key needed); prints the new token alone."""
     from towerctl import macaroons

@@ -1,6 +1,8 @@
-"""Parameter types: Click parses, so command bodies receive typed values.
+"""Parameter parsing through Typer's public API, so command bodies receive typed values.
 
-A bad value is a usage error (exit 2) raised by Click with the parameter's name.
+Sats, counts and message ids are `int` options with `min=`/`max=`; choices are
+`Literal`s; session ids and durations are `parser=` callables that raise
+`typer.BadParameter`. A bad value is a usage error (exit 2) naming the parameter.
 Messages never quote the value itself: a misplaced token must not be echoed
 (SPEC 11), and the user can see what they typed.
 """
@@ -8,56 +10,48 @@ Messages never quote the value itself: a misplaced token must not be echoed
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
-import click
 import typer
-from click.shell_completion import CompletionItem
 
 from towerctl.errors import BadInput
 from towerctl.units import MAX_SATS, parse_duration, parse_session_id
 
+# The services' names (`sessions.STATES`, `transcripts.ROLES`) as types Typer parses;
+# tests/test_help.py checks that they stay the same.
+SessionState = Literal["awaiting_payment", "active", "paused", "expired"]
+Role = Literal["user", "assistant"]
 
-class SessionIdType(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.5
-    name = "UUID"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> UUID:
-        if isinstance(value, UUID):
-            return value
-        try:
-            return parse_session_id(str(value))
-        except BadInput:
-            self.fail("not a session id (a UUID)", param, ctx)
-
-    def shell_complete(
-        self, ctx: click.Context, param: click.Parameter, incomplete: str
-    ) -> list[CompletionItem]:
-        """Recent session ids from the store, when one is at hand (never starts a server)."""
-        from towerctl.completion import session_ids
-
-        url = ctx.find_root().params.get("database_url")
-        return [CompletionItem(sid) for sid in session_ids(incomplete, url)]
+MAX_MESSAGE_ID = 2**63 - 1  # a bigint
 
 
-class DurationType(click.ParamType):  # type: ignore[type-arg]
-    name = "DURATION"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> timedelta:
-        if isinstance(value, timedelta):
-            return value
-        try:
-            return parse_duration(str(value))
-        except BadInput:
-            self.fail("must look like 90s, 15m, 24h or 7d (at most 366d)", param, ctx)
+def session_id(value: Any) -> UUID:
+    """A session id (a UUID) from the command line."""
+    if isinstance(value, UUID):
+        return value
+    try:
+        return parse_session_id(str(value))
+    except BadInput:
+        raise typer.BadParameter("not a session id (a UUID)") from None
 
 
-SESSION_ID = SessionIdType()
-MESSAGE_ID = click.IntRange(1, 2**63 - 1)
-DURATION = DurationType()
-SATS = click.IntRange(1, MAX_SATS)
+def duration(value: Any) -> timedelta:
+    """A duration such as 90s, 15m, 24h or 7d from the command line."""
+    if isinstance(value, timedelta):
+        return value
+    try:
+        return parse_duration(str(value))
+    except BadInput:
+        raise typer.BadParameter("must look like 90s, 15m, 24h or 7d (at most 366d)") from None
+
+
+def recent_session_ids(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Recent session ids from the store, when one is at hand (never starts a server)."""
+    from towerctl.completion import session_ids
+
+    url = ctx.find_root().params.get("database_url")
+    return session_ids(incomplete, url)
 
 
 def _remember_json(ctx: typer.Context, value: bool) -> bool:
@@ -78,8 +72,38 @@ JSON_OPTION = typer.Option(
 
 
 def session_id_argument(metavar: str = "ID") -> Any:
-    return typer.Argument(..., metavar=metavar, click_type=SESSION_ID, show_default=False)
+    return typer.Argument(
+        ...,
+        metavar=metavar,
+        parser=session_id,
+        autocompletion=recent_session_ids,
+        show_default=False,
+    )
+
+
+def session_id_option(flag: str, help: str) -> Any:
+    return typer.Option(
+        None,
+        flag,
+        metavar="UUID",
+        parser=session_id,
+        autocompletion=recent_session_ids,
+        help=help,
+        show_default=False,
+    )
+
+
+def duration_option(default: str | None, flag: str, help: str) -> Any:
+    return typer.Option(default, flag, metavar="DURATION", parser=duration, help=help)
 
 
 def sats_option(flag: str, help: str) -> Any:
-    return typer.Option(..., flag, click_type=SATS, help=f"{help} (1 to {MAX_SATS:,}).")
+    return typer.Option(..., flag, min=1, max=MAX_SATS, help=f"{help} (1 to {MAX_SATS:,}).")
+
+
+def count_option(default: int | None, flag: str, most: int, help: str) -> Any:
+    return typer.Option(default, flag, min=1, max=most, help=help)
+
+
+def message_id_option(flag: str, help: str) -> Any:
+    return typer.Option(None, flag, min=1, max=MAX_MESSAGE_ID, help=help)

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import typer
 
-from towerctl.cli.params import DURATION, JSON_OPTION
+from towerctl.cli.params import JSON_OPTION, duration
 from towerctl.cli.progress import progress
 from towerctl.cli.session import app
 from towerctl.cli.state import connect, note, print_json
@@ -22,7 +22,8 @@ def purge(
     expired_for: timedelta = typer.Option(
         ...,
         "--expired-for",
-        click_type=DURATION,
+        metavar="DURATION",
+        parser=duration,
         help="Only sessions expired at least this long ago (90s, 15m, 24h, 7d).",
         show_default=False,
     ),

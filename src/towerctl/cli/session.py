@@ -6,12 +6,16 @@ import sys
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-import click
 import typer
 
-from towerctl.cli.params import JSON_OPTION, SESSION_ID, sats_option, session_id_argument
+from towerctl.cli.params import (
+    JSON_OPTION,
+    SessionState,
+    count_option,
+    sats_option,
+    session_id_argument,
+)
 from towerctl.cli.state import connect, print_json, read_connect
-from towerctl.sessions import STATES
 
 if TYPE_CHECKING:
     from towerctl.db import Connection
@@ -20,7 +24,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="Sessions: balances, requests and transcripts.", no_args_is_help=True)
 
-__all__ = ["JSON_OPTION", "SESSION_ID", "app", "authorized_session"]
+__all__ = ["JSON_OPTION", "app", "authorized_session"]
 
 
 def _show(session: Session, as_json: bool, extra: dict[str, str] | None = None) -> None:
@@ -71,15 +75,8 @@ def show(
 @app.command("list")
 def list_(
     ctx: typer.Context,
-    state: str | None = typer.Option(
-        None, "--state", click_type=click.Choice(STATES), help="Only sessions in this state."
-    ),
-    limit: int = typer.Option(
-        50,
-        "--limit",
-        click_type=click.IntRange(1, 10_000),
-        help="At most this many (newest first).",
-    ),
+    state: SessionState | None = typer.Option(None, "--state", help="Only sessions in this state."),
+    limit: int = count_option(50, "--limit", 10_000, "At most this many (newest first)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """List sessions, newest first."""

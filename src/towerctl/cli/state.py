@@ -33,7 +33,7 @@ class State:
 
 
 # The invocation's state, for the one error handler (`cli.run`), which runs after
-# every click context has closed.
+# every parser context has closed.
 CURRENT: list[State] = []
 ARGV: list[str] = []  # the invocation's words, so that no output echoes a token among them
 

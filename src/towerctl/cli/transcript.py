@@ -8,16 +8,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from uuid import UUID
 
-import click
 import typer
 
 from towerctl.cli.output import sigterm_raises
-from towerctl.cli.params import MESSAGE_ID, session_id_argument
+from towerctl.cli.params import Role, count_option, message_id_option, session_id_argument
 from towerctl.cli.progress import progress
 from towerctl.cli.session import MACAROON_FILE_OPTION, MACAROON_OPTION, app, authorized_session
 from towerctl.cli.state import note
 from towerctl.errors import BadInput
-from towerctl.transcripts import MAX_PAGE, ROLES, Format, Selection
+from towerctl.transcripts import MAX_PAGE, Format, Selection
 
 
 @app.command("messages")
@@ -25,27 +24,18 @@ def messages(
     ctx: typer.Context,
     session_id: UUID = session_id_argument(),
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
-    limit: int | None = typer.Option(
-        None,
-        "--limit",
-        click_type=click.IntRange(1, MAX_PAGE),
-        help="At most this many messages: the first of the selection.",
+    limit: int | None = count_option(
+        None, "--limit", MAX_PAGE, "At most this many messages: the first of the selection."
     ),
-    last: int | None = typer.Option(
+    last: int | None = count_option(
         None,
         "--last",
-        click_type=click.IntRange(1, MAX_PAGE),
-        help="The last N messages of the selection, printed in order (not with --limit).",
+        MAX_PAGE,
+        "The last N messages of the selection, printed in order (not with --limit).",
     ),
-    after: int | None = typer.Option(
-        None, "--after", click_type=MESSAGE_ID, help="Only messages after this id."
-    ),
-    before: int | None = typer.Option(
-        None, "--before", click_type=MESSAGE_ID, help="Only messages before this id."
-    ),
-    role: str | None = typer.Option(
-        None, "--role", click_type=click.Choice(ROLES), help="Only this role's messages."
-    ),
+    after: int | None = message_id_option("--after", "Only messages after this id."),
+    before: int | None = message_id_option("--before", "Only messages before this id."),
+    role: Role | None = typer.Option(None, "--role", help="Only this role's messages."),
     output: str | None = typer.Option(
         None,
         "--output",
