@@ -212,9 +212,36 @@ def _classify(error: BaseException) -> TowerError | None:
     return classify(error)
 
 
+# The root's options, and whether each takes a value: accepted after the sub-command too.
+GLOBAL_OPTIONS = {"--database-url": True, "--read-database-url": True, "--traceback": False}
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """`args` with the root's options moved before the sub-command, so that
+    `towerctl session show ID --database-url URL` works as gh and kubectl allow.
+    Nothing after `--` moves: it is data."""
+    hoisted: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if word == "--":
+            rest.extend(args[i:])
+            break
+        name = word.split("=", 1)[0]
+        if name in GLOBAL_OPTIONS:
+            takes_value = GLOBAL_OPTIONS[name] and "=" not in word
+            hoisted.extend(args[i : i + 1 + takes_value])
+            i += 1 + takes_value
+            continue
+        rest.append(word)
+        i += 1
+    return hoisted + rest
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; the one place errors become codes."""
-    args = argv if argv is not None else sys.argv[1:]
+    args = hoist_global_options(argv if argv is not None else sys.argv[1:])
     show_traceback = "--traceback" in args
     if COMPLETE_VAR in os.environ:  # the shell asks for completions (<TAB>)
         return _complete(os.environ[COMPLETE_VAR])
@@ -223,7 +250,7 @@ def run(argv: list[str] | None = None) -> int:
     CURRENT.clear()
     ARGV[:] = args
     try:
-        result = app(args=argv, prog_name="towerctl", standalone_mode=False)
+        result = app(args=args, prog_name="towerctl", standalone_mode=False)
         sys.stdout.flush()  # a reader gone or a full device shows here: exit 0 or 10
     except TowerError as error:
         return _fail(hide_tokens(str(error), args), int(error.exit_code))
