@@ -26,7 +26,7 @@ TRICKY = [
     "control \x01\x1f chars",
     "\x1b[31mred alert\x1b[0m from a hostile agent",
 ]
-MESSAGE_KEYS = ["id", "role", "content", "sessionRequestId", "createdAt"]
+MESSAGE_KEYS = ["id", "role", "content", "sessionRequestId", "createdAt", "requestState"]
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_csv_round_trips_through_a_csv_reader(cli: CLI, chat: OpenedSession) -> 
     assert rows[0] == MESSAGE_KEYS
     assert [r[2] for r in rows[1:]] == expected_contents()
     as_json = json.loads(messages(cli, chat, "--format", "json").stdout)["messages"]
-    assert [[int(r[0]), r[1], r[2], int(r[3]), r[4]] for r in rows[1:]] == [
+    assert [[int(r[0]), r[1], r[2], int(r[3]), r[4], r[5]] for r in rows[1:]] == [
         [m[k] for k in MESSAGE_KEYS] for m in as_json
     ]
 
@@ -261,7 +261,7 @@ def test_doctor_tells_a_lost_message_from_a_cleared_history(
     assert chat.id in failed[0]["detail"]
 
 
-def test_output_to_a_symlink_writes_the_target_and_devices_are_refused(
+def test_output_to_a_symlink_writes_the_target_and_devices_are_streams(
     cli: CLI, chat: OpenedSession, tmp_path: Path
 ) -> None:
     target = tmp_path / "real.ndjson"
@@ -273,12 +273,48 @@ def test_output_to_a_symlink_writes_the_target_and_devices_are_refused(
     assert len(target.read_text().splitlines()) == 2 * len(TRICKY)
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    for bad in (str(fifo), "/dev/null"):
-        result = messages(cli, chat, "--format", "ndjson", "-o", bad)
-        assert result.exit_code == ExitCode.BAD_INPUT, bad
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader there, as `cat pipe` is
+    try:
+        assert messages(cli, chat, "--format", "ndjson", "-o", str(fifo)).exit_code == 0
+        assert len(os.read(reader, 1 << 16).splitlines()) == 2 * len(TRICKY)
+    finally:
+        os.close(reader)
+    assert fifo.exists() and not fifo.is_file()  # written through, never replaced
+    assert messages(cli, chat, "--format", "ndjson", "-o", "/dev/null").exit_code == 0
     assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
 
 
 def test_output_into_an_unwritable_folder_exits_2(cli: CLI, chat: OpenedSession) -> None:
     result = messages(cli, chat, "--format", "json", "-o", "/proc/towerctl-out.json")
     assert result.exit_code == ExitCode.BAD_INPUT
+
+
+def test_messages_of_a_failed_or_refused_request_are_marked_in_every_format(cli: CLI) -> None:
+    """An agent's error or a refusal is stored as an assistant message: every format says
+    that request failed or was refused, so it never reads as a real answer."""
+    session = open_session(cli, deposit=30)
+    token = ("--macaroon", session.macaroon)
+    assert cli("session", "request", session.id, "hello", *token).exit_code == ExitCode.OK
+    failed = cli("session", "request", session.id, "fail", "--agent", "exec:/bin/false", *token)
+    assert failed.exit_code == ExitCode.AGENT_FAILED
+    refused = cli("session", "request", session.id, "x" * 4000, *token)
+    assert refused.exit_code == ExitCode.NOT_SERVED
+    done = cli("session", "messages", session.id, "--format", "json", *token)
+    states = [(m["role"], m["requestState"]) for m in json.loads(done.stdout)["messages"]]
+    assert states == [
+        ("user", "complete"), ("assistant", "complete"),
+        ("user", "failed"), ("assistant", "failed"),
+        ("user", "rejected"), ("assistant", "rejected"),
+    ]  # fmt: skip
+    ndjson = cli("session", "messages", session.id, "--format", "ndjson", *token).stdout
+    assert [json.loads(line)["requestState"] for line in ndjson.splitlines()] == [
+        s for _, s in states
+    ]
+    csv_text = cli("session", "messages", session.id, "--format", "csv", *token).stdout
+    assert csv_text.splitlines()[0].endswith(",requestState")
+    markdown = cli("session", "messages", session.id, "--format", "markdown", *token).stdout
+    headings = [line for line in markdown.splitlines() if line.startswith("## #")]
+    assert [h.endswith(" · request failed") for h in headings] == [0, 0, 0, 1, 0, 0]
+    assert headings[5].endswith(" · request rejected")
+    table = cli("session", "messages", session.id, *token).stdout
+    assert table.count("(failed)") == 1 and table.count("(rejected)") == 1

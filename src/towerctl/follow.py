@@ -47,7 +47,7 @@ from uuid import UUID
 from towerctl import auth, db, render, sessions, transcripts
 from towerctl.errors import BadInput
 from towerctl.export import BinaryOut, Blocks, Options, TextStream
-from towerctl.transcripts import MESSAGE_JSON, Format, Message, Selection
+from towerctl.transcripts import MESSAGE_JSON, REQUEST_STATE, Format, Message, Selection
 
 if TYPE_CHECKING:
     import psycopg
@@ -74,7 +74,7 @@ TAIL_START = f"SELECT min(id) FROM (SELECT id {RANGE} ORDER BY id DESC LIMIT %(l
 NDJSON_ROWS = f"SELECT id, {MESSAGE_JSON} {RANGE} ORDER BY id LIMIT %(chunk)s"
 TABLE_ROWS = (
     f"SELECT id, role, left(content, {render.TABLE_CELL_CHARS}), session_request_id,"
-    f" created_at, length(content) {RANGE} ORDER BY id LIMIT %(chunk)s"
+    f" created_at, length(content), {REQUEST_STATE} {RANGE} ORDER BY id LIMIT %(chunk)s"
 )
 
 

@@ -117,7 +117,8 @@ def write_transcript_markdown(
     out.write(f"# Transcript of session {session_id}\n")
     count = 0
     for m in messages:
-        out.write(f"\n## #{m.id} · {m.role} · {iso(m.created_at)}\n\n")
+        marker = f" · request {m.request_state}" if m.not_an_answer else ""
+        out.write(f"\n## #{m.id} · {m.role} · {iso(m.created_at)}{marker}\n\n")
         out.write(markdown_quote(m.content) + "\n")
         count += 1
     if count == 0:
@@ -168,7 +169,7 @@ def write_transcript_table(
         table = Table(box=box.SIMPLE_HEAD, show_header=header, pad_edge=False, expand=True)
         table.add_column("id", justify="right", width=7, no_wrap=True)
         table.add_column("time (UTC)", width=24, no_wrap=True)
-        table.add_column("role", width=9, no_wrap=True)
+        table.add_column("role", width=10, no_wrap=True)
         table.add_column("content", ratio=1, overflow="fold")
         return table
 
@@ -176,7 +177,10 @@ def write_transcript_table(
     for m in messages:
         when = iso(m.created_at)
         style = role_style.get(m.role) if color else None
-        table.add_row(str(m.id), when, m.role, table_cell(m.content, m.cut), style=style)
+        role = m.role
+        if m.not_an_answer:  # words, so that it shows without colour too
+            role, style = f"{m.role}\n({m.request_state})", "bold red" if color else None
+        table.add_row(str(m.id), when, role, table_cell(m.content, m.cut), style=style)
         rows += 1
         count += 1
         if rows >= chunk:

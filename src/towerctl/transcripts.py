@@ -25,11 +25,20 @@ CHUNK_ROWS = 2_000
 ROLES = ("user", "assistant")
 MAX_PAGE = 10_000_000  # --limit and --last
 ISO_UTC = """to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
+# The state of the request a message belongs to (complete, rejected, failed): a reader
+# tells a refusal or an agent's error from a real answer. One primary-key probe per row,
+# in the row's own order, so an export stays a stream.
+REQUEST_STATE = (
+    "(SELECT r.state FROM session_requests r WHERE r.session_id = session_messages.session_id"
+    " AND r.id = session_messages.session_request_id)"
+)
 MESSAGE_JSON = (
     """'{"id":' || id || ',"role":' || to_json(role)::text"""
     """ || ',"content":' || to_json(content)::text"""
     """ || ',"sessionRequestId":' || session_request_id"""
-    """ || ',"createdAt":"' || """ + ISO_UTC + """ || '"}'"""
+    """ || ',"createdAt":"' || """ + ISO_UTC + """ || '"'"""
+    """ || ',"requestState":' || coalesce(to_json(""" + REQUEST_STATE + """)::text, 'null')"""
+    """ || '}'"""
 )
 FILTER = """
 FROM session_messages
@@ -70,6 +79,12 @@ class Message:
     session_request_id: int
     created_at: datetime
     length: int = 0
+    request_state: str | None = None  # its request's: complete, rejected or failed
+
+    @property
+    def not_an_answer(self) -> bool:
+        """An assistant message that tells of a refusal or a failure, not a result."""
+        return self.role == "assistant" and self.request_state in ("rejected", "failed")
 
     @property
     def cut(self) -> int:
@@ -83,6 +98,7 @@ class Message:
             "content": self.content,
             "sessionRequestId": self.session_request_id,
             "createdAt": self.created_at,
+            "requestState": self.request_state,
         }
 
 
@@ -162,8 +178,8 @@ def rows_query(cell_chars: int | None = None) -> str:
     in SQL (None: whole) with its full `length`, so a huge message never travels whole."""
     content = "content" if cell_chars is None else f"left(content, {int(cell_chars)})"
     return (
-        f"SELECT id, role, {content}, session_request_id, created_at, length(content)"
-        f" {FILTER} {PAGE}"
+        f"SELECT id, role, {content}, session_request_id, created_at, length(content),"
+        f" {REQUEST_STATE} {FILTER} {PAGE}"
     )
 
 
@@ -179,7 +195,11 @@ def copy_query(selection: Selection, fmt: Format, *, raw: bool = False) -> sql.C
         content = "content" if raw else CSV_CONTENT
         columns = (
             f"id, role, {content} AS content, "
-            'session_request_id AS "sessionRequestId", ' + ISO_UTC + ' AS "createdAt"'
+            'session_request_id AS "sessionRequestId", '
+            + ISO_UTC
+            + ' AS "createdAt", '
+            + REQUEST_STATE
+            + ' AS "requestState"'
         )
         options = "FORMAT csv, HEADER"
     elif fmt in (Format.json, Format.ndjson):

@@ -27,6 +27,12 @@ class Output:
 
     path: str | None = None
     fd: int | None = None
+    opened: bool = False  # `fd` was opened here (a device or FIFO): close it when done
+
+    def close(self) -> None:
+        if self.opened and self.fd is not None:
+            with suppress(OSError):
+                os.close(self.fd)
 
 
 STDOUT = Output(fd=1)
@@ -71,7 +77,7 @@ def _open_stream(name: str, path: str) -> Output:
     if not (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
         raise BadInput(f"-o {name}: not a regular file, character device or FIFO")
     try:
-        return Output(fd=os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC))
+        return Output(fd=os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC), opened=True)
     except OSError as error:
         raise BadInput(f"-o {name}: cannot open: {error.strerror}") from None
 

@@ -93,6 +93,8 @@ def messages(
     except Terminated:
         note("towerctl: terminated")
         raise typer.Exit(143) from None
+    finally:
+        target.close()
     if target.path is not None:
         count = done.messages
         note(f"wrote {count} message{'s' if count != 1 else ''} to {target.path}")
