@@ -216,8 +216,9 @@ def test_markdown_has_one_heading_per_message_and_only_literal_text(
 
 
 def on_pty(extra: list[str], chat: OpenedSession, env: dict[str, str]) -> Screen:
-    """`session messages` of `chat` on a 100-column pseudo-terminal (30 s at most)."""
-    args = ["session", "messages", chat.id, *extra, "--macaroon", chat.macaroon]
+    """`session messages` of `chat` on a 100-column pseudo-terminal (30 s at most), without
+    the pager: what reaches the screen is towerctl's own (the pager's tests are apart)."""
+    args = ["session", "messages", chat.id, *extra, "--no-pager", "--macaroon", chat.macaroon]
     return run_on_pty(args, env, timeout=30, columns=100)
 
 

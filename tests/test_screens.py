@@ -166,3 +166,90 @@ def test_session_show_on_a_terminal(chat: OpenedSession, tower_env: dict[str, st
     assert chat.id in screen.row_with("session")
     assert "active" in screen.text
     assert_no_code_as_text(screen)
+
+
+# --- the pager --------------------------------------------------------------------
+
+
+def long_chat(cli: CLI, conn: psycopg.Connection) -> OpenedSession:
+    """A session of 120 messages: more than a 40-line screen."""
+    opened = open_session(cli, deposit=500)
+    rid = conn.execute(
+        "INSERT INTO session_requests (session_id, state, agent) VALUES (%s, 'complete', 'echo')"
+        " RETURNING id",
+        (opened.id,),
+    ).fetchone()
+    assert rid is not None
+    conn.execute(
+        "INSERT INTO session_messages (session_id, role, content, session_request_id, token_count)"
+        " SELECT %s, CASE WHEN g %% 2 = 1 THEN 'user' ELSE 'assistant' END, 'line ' || g, %s, 1"
+        " FROM generate_series(1, 120) g",
+        (opened.id, rid[0]),
+    )
+    return opened
+
+
+def pager_env(tower_env: dict[str, str], **extra: str) -> dict[str, str]:
+    env = {**colour_env(tower_env), "TERM": "xterm-256color", "COLUMNS": "100", "LINES": "40"}
+    for name in ("PAGER", "TOWER_PAGER", "LESS"):
+        env.pop(name, None)
+    env["LESSHISTFILE"] = "-"
+    return {**env, **extra}
+
+
+def start_on_pty(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(
+            [*TOWERCTL, *args], env=env, stdin=slave, stdout=slave, stderr=slave,
+            start_new_session=True,
+        )  # fmt: skip
+    finally:
+        os.close(slave)
+    return proc, master
+
+
+def test_long_output_on_a_terminal_goes_through_the_pager_and_q_ends_it(
+    cli: CLI, conn: psycopg.Connection, tower_env: dict[str, str]
+) -> None:
+    chat = long_chat(cli, conn)
+    proc, master = start_on_pty(messages_args(chat), pager_env(tower_env))
+    try:
+        shown = read_pty(master, 30, until=lambda seen: b"line 30" in seen)
+        time.sleep(0.5)
+        assert proc.poll() is None  # waiting in the pager: the screen is full
+        shown += read_pty(master, 0.5)
+        assert b"line 120" not in shown  # only the first screen so far
+        os.write(master, b"q")
+        assert proc.wait(timeout=30) == ExitCode.OK
+        shown += read_pty(master, 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    screen = emulate(shown, 100, 40)
+    assert_no_code_as_text(screen)
+    assert "line 1" in screen.text
+
+
+@pytest.mark.parametrize("how", ["--no-pager", "PAGER=cat", "short"])
+def test_the_pager_is_bypassed(
+    how: str, cli: CLI, conn: psycopg.Connection, tower_env: dict[str, str]
+) -> None:
+    """--no-pager and PAGER=cat print everything at once; output shorter than the screen
+    leaves less at once (-F): none of them waits for a key."""
+    chat = long_chat(cli, conn) if how != "short" else open_session(cli)
+    extra = {"PAGER": "cat"} if how == "PAGER=cat" else {}
+    args = messages_args(chat, "--no-pager") if how == "--no-pager" else messages_args(chat)
+    proc, master = start_on_pty(args, pager_env(tower_env, **extra))
+    try:
+        shown = read_pty(master, 30, proc=proc)
+        assert proc.wait(timeout=30) == ExitCode.OK
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    if how != "short":
+        assert b"line 120" in shown

@@ -148,12 +148,20 @@ def root(
     traceback: bool = typer.Option(
         False, "--traceback", help="Show a Python traceback for internal errors."
     ),
+    no_pager: bool = typer.Option(
+        False,
+        "--no-pager",
+        help="Never page long output on a terminal [pager: TOWER_PAGER, PAGER, less -FRX].",
+    ),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
     ctx.obj = State(
-        database_url=database_url, read_database_url=read_database_url, traceback=traceback
+        database_url=database_url,
+        read_database_url=read_database_url,
+        traceback=traceback,
+        no_pager=no_pager,
     )
     CURRENT[:] = [ctx.obj]
 
@@ -213,7 +221,12 @@ def _classify(error: BaseException) -> TowerError | None:
 
 
 # The root's options, and whether each takes a value: accepted after the sub-command too.
-GLOBAL_OPTIONS = {"--database-url": True, "--read-database-url": True, "--traceback": False}
+GLOBAL_OPTIONS = {
+    "--database-url": True,
+    "--read-database-url": True,
+    "--traceback": False,
+    "--no-pager": False,
+}
 
 
 def hoist_global_options(args: list[str]) -> list[str]:

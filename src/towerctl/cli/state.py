@@ -24,10 +24,12 @@ class State:
         database_url: str | None = None,
         read_database_url: str | None = None,
         traceback: bool = False,
+        no_pager: bool = False,
     ) -> None:
         self.database_url = database_url
         self.read_database_url = read_database_url
         self.traceback = traceback
+        self.no_pager = no_pager
         self.store: Store | None = None
         self.json_output = False  # --json was given: refusals are JSON documents too
 

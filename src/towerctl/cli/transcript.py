@@ -11,10 +11,11 @@ from uuid import UUID
 import typer
 
 from towerctl.cli.output import sigterm_raises
+from towerctl.cli.pager import paged
 from towerctl.cli.params import Role, count_option, message_id_option, session_id_argument
 from towerctl.cli.progress import progress
 from towerctl.cli.session import MACAROON_FILE_OPTION, MACAROON_OPTION, app, authorized_session
-from towerctl.cli.state import note
+from towerctl.cli.state import note, state
 from towerctl.errors import BadInput
 from towerctl.transcripts import MAX_PAGE, Format, Selection
 
@@ -76,8 +77,8 @@ def messages(
     try:
         with sigterm_raises():
             if target.path is None:
-                out = binary_stdout(1 if target.fd is None else target.fd)
-                on_terminal = out.isatty()
+                fd = 1 if target.fd is None else target.fd
+                on_terminal = binary_stdout(fd).isatty()
                 options = export.Options(
                     chosen,
                     raw=raw,
@@ -85,7 +86,8 @@ def messages(
                     color=on_terminal and not os.environ.get("NO_COLOR"),
                     width=_terminal_width(),
                 )
-                done = export.export(conn, selection, options, out)
+                with paged(enabled=fd == 1 and not state(ctx).no_pager):
+                    done = export.export(conn, selection, options, binary_stdout(fd))
             else:
                 options = export.Options(chosen, raw=raw)
                 with atomic_file(target.path) as handle, _progress_bar() as progress:
