@@ -27,6 +27,7 @@ import pytest
 from conftest import CLI, OpenedSession, open_session
 from terminal import read_pty
 from towerctl.cli.outfile import remove_stale_parts
+from towerctl.cli.output import TERMINATING_SIGNALS
 from towerctl.errors import ExitCode
 from towerctl.transcripts import Format
 
@@ -316,6 +317,28 @@ def test_a_signal_during_an_export_to_a_file(
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == code, err
+    assert out == b"" and b"Traceback" not in err
+    assert_target_kept(target, conn)
+
+
+# Every other signal whose default action ends the process (the one a dropped ssh
+# connection sends among them), and the first and last real-time signals.
+OTHER_TERMINATING = sorted(
+    {*TERMINATING_SIGNALS, signal.SIGRTMIN, signal.SIGRTMAX}
+    - {signal.SIGTERM, *range(signal.SIGRTMIN + 1, signal.SIGRTMAX)}
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", OTHER_TERMINATING, ids=lambda s: signal.Signals(s).name)
+def test_every_terminating_signal_during_an_export_to_a_file(
+    sig: int, big: OpenedSession, tower_env: dict[str, str],
+    conn: psycopg.Connection, db_url: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    with exporting_to_a_file(big, "ndjson", tower_env, conn, db_url, tmp_path) as (proc, target):
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + sig, err
     assert out == b"" and b"Traceback" not in err
     assert_target_kept(target, conn)
 

@@ -10,7 +10,7 @@ from uuid import UUID
 
 import typer
 
-from towerctl.cli.output import sigterm_raises
+from towerctl.cli.output import signals_raise, sigterm_raises
 from towerctl.cli.params import Role, count_option, message_id_option, session_id_argument
 from towerctl.cli.progress import progress
 from towerctl.cli.session import MACAROON_FILE_OPTION, MACAROON_OPTION, app, authorized_session
@@ -74,7 +74,7 @@ def messages(
     conn, _ = authorized_session(ctx, session_id, macaroon, macaroon_file, "read")
     transcripts.check_selection(conn, selection)
     try:
-        with sigterm_raises():
+        with signals_raise():
             if target.path is None:
                 out = binary_stdout(1 if target.fd is None else target.fd)
                 on_terminal = out.isatty()
@@ -90,9 +90,9 @@ def messages(
                 options = export.Options(chosen, raw=raw)
                 with atomic_file(target.path) as handle, _progress_bar() as progress:
                     done = export.export(conn, selection, options, handle, progress=progress)
-    except Terminated:
-        note("towerctl: terminated")
-        raise typer.Exit(143) from None
+    except Terminated as ended:
+        note(f"towerctl: terminated ({ended.name})")
+        raise typer.Exit(ended.exit_code) from None
     if target.path is not None:
         count = done.messages
         note(f"wrote {count} message{'s' if count != 1 else ''} to {target.path}")
