@@ -25,6 +25,7 @@ import psycopg
 import pytest
 
 from conftest import CLI, OpenedSession, open_session
+from faults import mounted_tmpfs
 from terminal import read_pty
 from towerctl.cli.outfile import remove_stale_parts
 from towerctl.cli.output import TERMINATING_SIGNALS
@@ -228,20 +229,8 @@ def test_a_full_device_exits_10(
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs (needs root: skipped with the reason otherwise)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tiny tmpfs needs root; run the suite as root to cover ENOSPC on -o")
-    folder = tmp_path / "tiny"
-    folder.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
-        capture_output=True, timeout=30,
-    )  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tiny", "size=64k") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
 
 
 @pytest.mark.timeout(60)
