@@ -274,3 +274,24 @@ def own_server() -> Iterator[OwnServer]:
         yield server
     finally:
         server.close()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted on `folder` with mount(8)'s `options` (needs root: skipped with the
+    reason otherwise), unmounted after."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip(f"mounting a tmpfs ({options}) needs root; run the suite as root")
+    folder.mkdir(exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)

@@ -25,8 +25,10 @@ import psycopg
 import pytest
 
 from conftest import CLI, OpenedSession, open_session
+from faults import mounted_tmpfs
 from terminal import read_pty
 from towerctl.cli.outfile import remove_stale_parts
+from towerctl.cli.output import TERMINATING_SIGNALS
 from towerctl.errors import ExitCode
 from towerctl.transcripts import Format
 
@@ -227,20 +229,8 @@ def test_a_full_device_exits_10(
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs (needs root: skipped with the reason otherwise)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tiny tmpfs needs root; run the suite as root to cover ENOSPC on -o")
-    folder = tmp_path / "tiny"
-    folder.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
-        capture_output=True, timeout=30,
-    )  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tiny", "size=64k") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
 
 
 @pytest.mark.timeout(60)
@@ -316,6 +306,28 @@ def test_a_signal_during_an_export_to_a_file(
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == code, err
+    assert out == b"" and b"Traceback" not in err
+    assert_target_kept(target, conn)
+
+
+# Every other signal whose default action ends the process (the one a dropped ssh
+# connection sends among them), and the first and last real-time signals.
+OTHER_TERMINATING = sorted(
+    {*TERMINATING_SIGNALS, signal.SIGRTMIN, signal.SIGRTMAX}
+    - {signal.SIGTERM, *range(signal.SIGRTMIN + 1, signal.SIGRTMAX)}
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", OTHER_TERMINATING, ids=lambda s: signal.Signals(s).name)
+def test_every_terminating_signal_during_an_export_to_a_file(
+    sig: int, big: OpenedSession, tower_env: dict[str, str],
+    conn: psycopg.Connection, db_url: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    with exporting_to_a_file(big, "ndjson", tower_env, conn, db_url, tmp_path) as (proc, target):
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + sig, err
     assert out == b"" and b"Traceback" not in err
     assert_target_kept(target, conn)
 

@@ -71,6 +71,34 @@ def test_the_hidden_set_covers_every_control_format_and_separator_character() ->
     assert wanted - covered == set()
 
 
+# Default_Ignorable_Code_Point as DerivedCoreProperties.txt (Unicode 15.1) lists it.
+DEFAULT_IGNORABLE = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160),
+    (0x17B4, 0x17B5), (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E),
+    (0x2060, 0x206F), (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
+    (0xE0000, 0xE0FFF),
+)  # fmt: skip
+
+
+def test_the_hidden_set_covers_every_default_ignorable_code_point() -> None:
+    listed = {c for first, last in DEFAULT_IGNORABLE for c in range(first, last + 1)}
+    # The property's derivation, where unicodedata can follow it: every Cf but the
+    # exclusions, and every variation selector, is in the list written above.
+    excluded = {*range(0xFFF9, 0xFFFC), *range(0x13430, 0x13440), 0x0600, 0x0601, 0x0602,
+                0x0603, 0x0604, 0x0605, 0x06DD, 0x070F, 0x0890, 0x0891, 0x08E2, 0x110BD,
+                0x110CD}  # fmt: skip
+    format_chars = {c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf"}
+    assert format_chars - excluded <= listed
+    assert {*range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0), *range(0x180B, 0x180E)} <= listed
+    covered = {c for first, last in sanitize.HIDDEN_RANGES for c in range(first, last + 1)}
+    assert listed - covered == set()
+    for code in [*sorted(listed)[:: max(1, len(listed) // 200)], 0x3164, 0xFFA0, 0x115F]:
+        shown = sanitize.for_terminal(f"a{chr(code)}b")
+        assert shown.isascii() and shown.startswith("a\\"), (hex(code), shown)
+    assert sanitize.for_terminal("a\nb\tc") == "a\nb\tc"  # newline and tab as today
+
+
 @given(text=hostile_text)
 def test_sanitised_text_holds_no_hidden_character_and_json_parses_back(text: str) -> None:
     assert raw_hidden(sanitize.for_terminal(text).replace("\n", "")) == []

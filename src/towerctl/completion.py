@@ -23,7 +23,11 @@ def session_ids(prefix: str, database_url: str | None = None) -> list[str]:
         import psycopg
 
         with psycopg.connect(
-            url, autocommit=True, connect_timeout=1, options="-c statement_timeout=500"
+            url,
+            autocommit=True,
+            connect_timeout=1,
+            client_encoding="UTF8",
+            options="-c statement_timeout=500",
         ) as conn:
             like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             rows = conn.execute(SESSION_IDS, (like, MAX_CANDIDATES)).fetchall()

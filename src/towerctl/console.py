@@ -19,12 +19,6 @@ GC_THRESHOLDS = (50_000, 20, 20)
 
 
 def main() -> None:
-    if sys.argv[1:] == ["--version"]:
-        from towerctl import __version__
-
-        sys.stdout.write(f"towerctl {__version__}\n")
-        return
-    gc.set_threshold(*GC_THRESHOLDS)
     # Started with stdout or stderr closed (`>&-`, `2>&-`): Python gives no stream at all,
     # and the first write would fail before the exit code is chosen. What would have been
     # written there goes nowhere instead; the exit code still tells.
@@ -32,6 +26,9 @@ def main() -> None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the process's own stdout)
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the process's own stderr)
+    if sys.argv[1:] == ["--version"]:
+        leave(version())
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
         # a deploy's call: up to date is answered without the parser
         if sys.argv[1:] == ["migrate"]:
@@ -45,6 +42,22 @@ def main() -> None:
     except SystemExit as done:
         leave(done.code)
     leave(0)
+
+
+def version() -> int:
+    """Print the version: exit 0, or 10 when stdout cannot take it (a reader gone: 0)."""
+    from towerctl import __version__
+
+    try:
+        sys.stdout.write(f"towerctl {__version__}\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return 0
+    except OSError as error:
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"towerctl: cannot write to standard output: {error.strerror}\n")
+        return 10
+    return 0
 
 
 def leave(code: object) -> NoReturn:

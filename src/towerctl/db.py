@@ -98,11 +98,58 @@ def classify(error: BaseException) -> TowerError | None:
             hint="retry; or raise max_standby_streaming_delay on the replica, "
             "or read from the primary",
         )
+    if isinstance(error, psycopg.errors.QueryCanceled) or state in ("25P03", "25P04"):
+        # 57014 statement_timeout or pg_cancel_backend; 25P03/25P04 the idle-in-transaction
+        # or transaction timeout ended the connection (a pooler's connection may carry the
+        # role's timeouts: towerctl turns them off only on a direct connection).
+        return DatabaseUnreachable(
+            f"the server cancelled the statement: {first_line(error)}",
+            hint="a timeout set for the role or database, or an administrator; retry, "
+            "or raise the timeout",
+        )
     if isinstance(error, psycopg.OperationalError) and (
         state is None or state.startswith(("08", "57P"))
     ):
         return DatabaseUnreachable(f"lost the database connection: {first_line(error)}")
     return None
+
+
+# What towerctl's code reads and writes depends on, whatever a server, role, database or
+# PGOPTIONS/PGDATESTYLE/PGTZ imposes: dates and intervals in the formats psycopg parses,
+# times in UTC. These are reported to the client (GUC_REPORT), so a transaction-pooling
+# PgBouncer keeps them per client and sets them on whichever server connection it lends.
+PINNED = (("DateStyle", "ISO, MDY"), ("IntervalStyle", "postgres"), ("TimeZone", "UTC"))
+# Timeouts that would cancel an export, a migration or a request half-way: off. They are
+# not reported, so a pooler cannot keep them per client; they are set only when the
+# connection reaches its server directly (the backend's pid is the one the startup
+# announced: a pooler announces a key of its own), never leaked into a pooled connection.
+TIMEOUTS = ("statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout")
+TIMEOUTS_SINCE_17 = ("transaction_timeout",)
+
+
+def pin_settings(conn: psycopg.Connection) -> None:
+    """Set the session settings towerctl depends on (one round trip)."""
+    import psycopg
+    from psycopg import sql
+
+    timeouts = TIMEOUTS + (TIMEOUTS_SINCE_17 if conn.info.server_version >= 170000 else ())
+    pinned = [sql.SQL("set_config({}, {}, false)").format(n, v) for n, v in PINNED]
+    direct = [sql.SQL("set_config({}, '0', false)").format(n) for n in timeouts]
+    query = sql.SQL("SELECT {}, CASE WHEN pg_backend_pid() = {} THEN concat({}) END").format(
+        sql.SQL(", ").join(pinned), conn.info.backend_pid, sql.SQL(", ").join(direct)
+    )
+    # The statement that turns statement_timeout off runs under it: a tiny imposed
+    # timeout can cancel it on a busy server. Nothing was set then; try again.
+    for attempt in range(PIN_ATTEMPTS):
+        try:
+            conn.execute(query)
+            return
+        except psycopg.errors.QueryCanceled:
+            if attempt == PIN_ATTEMPTS - 1:
+                raise
+
+
+PIN_ATTEMPTS = 5
 
 
 def connect(url: str, *, application_name: str = "towerctl") -> psycopg.Connection:
@@ -133,7 +180,15 @@ def connect(url: str, *, application_name: str = "towerctl") -> psycopg.Connecti
             # PgBouncer the next statement may land on a server connection that
             # never saw the PREPARE (SPEC 13: no session-level features).
             prepare_threshold=None,
+            # Sent at startup (a PgBouncer tracks it), so it wins over PGCLIENTENCODING,
+            # PGOPTIONS and ALTER ROLE/DATABASE SET: towerctl's text is UTF-8 end to end.
+            client_encoding="UTF8",
         )
+        try:
+            pin_settings(conn)
+        except BaseException:
+            conn.close()
+            raise
     except psycopg.Error as error:
         raise DatabaseUnreachable(
             f"cannot connect to the database at {describe(url)}: {first_line(error)}",

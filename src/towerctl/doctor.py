@@ -117,6 +117,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    ran: bool = True  # False: the check could not run (cancelled, no privilege): not a fault
 
 
 def _run_check(conn: psycopg.Connection, name: str, summary: str, sql: str) -> Check:
@@ -129,7 +130,7 @@ def _run_check(conn: psycopg.Connection, name: str, summary: str, sql: str) -> C
             raise  # the server went away: exit 8, not an inconsistency
         from towerctl.db import first_line
 
-        return Check(name, False, f"could not run: {first_line(error)}")
+        return Check(name, False, f"not run: {first_line(error)}", ran=False)
     if not rows:
         return Check(name, True, summary)
     shown = "; ".join(" ".join(str(v) for v in row) for row in rows[:SAMPLE])

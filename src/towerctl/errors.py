@@ -6,6 +6,8 @@ Messages must never contain secrets (root key, macaroons, passwords).
 
 from __future__ import annotations
 
+import errno
+import os
 from enum import IntEnum
 
 
@@ -82,3 +84,24 @@ def error_for(code: ExitCode, message: str) -> TowerError:
         if kind.exit_code == code:
             return kind(message)
     return TowerError(message)
+
+
+# A path the user gave (--dir, TOWER_HOME, a key file...) that the system will not open
+# for them: too long, not theirs to read, a loop of links, a file where a folder should be.
+UNOPENABLE_PATH_ERRNOS = frozenset(
+    {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENOTDIR}
+)
+SHOWN_PATH_CHARS = 80
+
+
+def unopenable_path(error: BaseException) -> BadInput | None:
+    """Exit 2 for an OSError naming a path that cannot be opened, else None."""
+    if not isinstance(error, OSError) or error.errno not in UNOPENABLE_PATH_ERRNOS:
+        return None
+    if error.filename is None:
+        return None
+    path = os.fsdecode(error.filename)
+    if len(path) > SHOWN_PATH_CHARS:  # a name too long for the system is too long to show
+        half = SHOWN_PATH_CHARS // 2
+        path = f"{path[:half]}…{path[-half:]} ({len(path)} characters)"
+    return BadInput(f"cannot open {path}: {error.strerror}")

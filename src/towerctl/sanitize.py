@@ -13,39 +13,48 @@ None of them reaches a terminal or stderr raw, and JSON escapes them:
 
 The hidden set is every code point of Unicode's categories Cc (controls), Cf
 (format: bidi overrides and isolates, zero-width, soft hyphen, BOM, tags), Zl and
-Zp (line and paragraph separators). It is written out as ranges so that building it
-costs nothing at start-up; a test checks it against `unicodedata`.
+Zp (line and paragraph separators), and of its Default_Ignorable_Code_Point property:
+what a terminal draws as nothing (Hangul fillers, variation selectors, the combining
+grapheme joiner, Mongolian free variation selectors, the reserved E0000..E0FFF).
+It is written out as ranges so that building it costs nothing at start-up; a test
+checks it against `unicodedata` and the standard's DerivedCoreProperties.txt.
 """
 
 from __future__ import annotations
 
 import re
 
-# (first, last) inclusive; Cc, Cf, Zl and Zp as of Unicode 15.
+# (first, last) inclusive; Cc, Cf, Zl and Zp as of Unicode 15, and Default_Ignorable_Code_Point
+# (DerivedCoreProperties.txt: Other_Default_Ignorable_Code_Point + Cf + Variation_Selector
+# - White_Space - FFF9..FFFB - 13430..1343F - prepended concatenation marks).
 HIDDEN_RANGES: tuple[tuple[int, int], ...] = (
     (0x0000, 0x001F),
     (0x007F, 0x009F),
     (0x00AD, 0x00AD),
+    (0x034F, 0x034F),
     (0x0600, 0x0605),
     (0x061C, 0x061C),
     (0x06DD, 0x06DD),
     (0x070F, 0x070F),
     (0x0890, 0x0891),
     (0x08E2, 0x08E2),
-    (0x180E, 0x180E),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180B, 0x180F),
     (0x200B, 0x200F),
     (0x2028, 0x202E),
-    (0x2060, 0x2064),
-    (0x2066, 0x206F),
+    (0x2060, 0x206F),
+    (0x3164, 0x3164),
+    (0xFE00, 0xFE0F),
     (0xFEFF, 0xFEFF),
-    (0xFFF9, 0xFFFB),
+    (0xFFA0, 0xFFA0),
+    (0xFFF0, 0xFFFB),
     (0x110BD, 0x110BD),
     (0x110CD, 0x110CD),
     (0x13430, 0x1343F),
     (0x1BCA0, 0x1BCA3),
     (0x1D173, 0x1D17A),
-    (0xE0001, 0xE0001),
-    (0xE0020, 0xE007F),
+    (0xE0000, 0xE0FFF),
 )
 
 DIAGNOSTIC_CHARS = 400  # one stderr line never grows past this (plus the prefix)

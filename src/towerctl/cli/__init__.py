@@ -214,10 +214,11 @@ def _complete(instruction: str) -> int:
 
 
 def _classify(error: BaseException) -> TowerError | None:
-    """A database failure the contract names, or None (`db.classify` decides)."""
+    """A failure the contract names, or None (`db.classify` decides for the database)."""
     from towerctl.db import classify
+    from towerctl.errors import unopenable_path
 
-    return classify(error)
+    return classify(error) or unopenable_path(error)
 
 
 # The root's options, and whether each takes a value: accepted after the sub-command too.

@@ -29,7 +29,7 @@ def doctor(
     Every check only reads, so with --read-database-url they run on the replica.
     """
     from towerctl.doctor import run_checks
-    from towerctl.errors import Inconsistent
+    from towerctl.errors import DatabaseUnreachable, Inconsistent
 
     # Every check only reads: on the read replica when one is configured.
     checks = run_checks(read_connect(ctx), directory)
@@ -39,7 +39,12 @@ def doctor(
             {
                 "ok": ok,
                 "checks": [
-                    {"name": c.name, "ok": c.ok, "detail": hide_tokens(c.detail, ARGV)}
+                    {
+                        "name": c.name,
+                        "ok": c.ok,
+                        "detail": hide_tokens(c.detail, ARGV),
+                        "ran": c.ran,
+                    }
                     for c in checks
                 ],
             }
@@ -47,7 +52,15 @@ def doctor(
     else:
         for c in checks:
             detail = hide_tokens(c.detail, ARGV)  # a token given as --dir is not echoed
-            sys.stdout.write(f"{'ok  ' if c.ok else 'FAIL'}  {c.name}: {detail}\n")
-    if not ok:
-        failed = [c.name for c in checks if not c.ok]
+            mark = "ok  " if c.ok else "FAIL" if c.ran else "SKIP"
+            sys.stdout.write(f"{mark}  {c.name}: {detail}\n")
+    failed = [c.name for c in checks if not c.ok and c.ran]
+    if failed:
         raise Inconsistent(f"{len(failed)} check(s) failed: {', '.join(failed)}")
+    not_run = [c.name for c in checks if not c.ran]
+    if not_run:
+        # A check that could not run found nothing: exit 8, never an inconsistency.
+        raise DatabaseUnreachable(
+            f"{len(not_run)} check(s) could not run: {', '.join(not_run)}",
+            hint="see each check's detail; retry, or grant the role what it lacks",
+        )

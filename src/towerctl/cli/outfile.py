@@ -6,6 +6,7 @@ Standard output, standard error and devices named by `-o` are written as streams
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -79,7 +80,8 @@ def _open_stream(name: str, path: str) -> Output:
     try:
         return Output(fd=os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC), opened=True)
     except OSError as error:
-        raise BadInput(f"-o {name}: cannot open: {error.strerror}") from None
+        kind = WriteFailed if error.errno == errno.EROFS else BadInput
+        raise kind(f"-o {name}: cannot open: {error.strerror}") from None
 
 
 def _descriptor(name: str, number: str) -> Output:
@@ -211,7 +213,9 @@ class atomic_file:
                 prefix=f".{name}.{os.getpid()}.", suffix=".part", dir=folder
             )
         except OSError as error:
-            raise BadInput(f"cannot write in {folder}: {error.strerror}") from None
+            # A read-only file system cannot take the output: exit 10, not a usage error.
+            kind = WriteFailed if error.errno == errno.EROFS else BadInput
+            raise kind(f"cannot write in {folder}: {error.strerror}") from None
         return FileSink(self.fd, self.path)
 
     def __exit__(self, kind: object, error: object, trace: object) -> None:

@@ -8,6 +8,7 @@ failed writes turned into exit 10. Files named by `-o` are in `cli/outfile.py`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -24,7 +25,39 @@ class StdoutClosed(Exception):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like KeyboardInterrupt so that the same clean-up runs (exit 143)."""
+    """A signal that would end the process (SIGTERM, SIGHUP...), raised like
+    KeyboardInterrupt so that the same clean-up runs; the exit code is 128 + its number."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def name(self) -> str:
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
+
+def _terminating_signals() -> tuple[int, ...]:
+    """The catchable signals whose default action ends the process (signal(7): Term or
+    Core). SIGINT is Python's (KeyboardInterrupt, exit 130). Left out: the faults a
+    program raises on itself (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS, SIGABRT),
+    which a handler cannot recover from, and SIGPIPE and SIGXFSZ, which Python ignores
+    (the write fails instead: EPIPE, EFBIG)."""
+    names = ("SIGHUP", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGVTALRM",
+             "SIGPROF", "SIGXCPU", "SIGIO", "SIGPWR", "SIGSTKFLT")  # fmt: skip
+    named = {int(getattr(signal, n)) for n in names if hasattr(signal, n)}
+    realtime = range(signal.SIGRTMIN, signal.SIGRTMAX + 1) if hasattr(signal, "SIGRTMIN") else ()
+    return tuple(sorted(named.union(realtime)))
+
+
+TERMINATING_SIGNALS = _terminating_signals()
 
 
 def _silence(stream: Any) -> None:
@@ -132,21 +165,31 @@ def binary_stdout(fd: int = 1) -> FdSink | TextSink:
 
 
 @contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """While inside, SIGTERM raises `Terminated` (like Ctrl-C raises KeyboardInterrupt)."""
+def signals_raise(signals: tuple[int, ...] = TERMINATING_SIGNALS) -> Iterator[None]:
+    """While inside, each of `signals` whose action is still the default (not one the
+    caller ignores, as `nohup` ignores SIGHUP) raises `Terminated`, like Ctrl-C raises
+    KeyboardInterrupt, so the work in hand cleans up before the process ends."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        raise Terminated()
+        raise Terminated(signum)
 
+    previous: dict[int, Any] = {}
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        for signum in signals:
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                previous[signum] = signal.signal(signum, handler)
     except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
+        pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, action in previous.items():
+            signal.signal(signum, action)
+
+
+def sigterm_raises() -> contextlib.AbstractContextManager[None]:
+    """While inside, SIGTERM raises `Terminated` (like Ctrl-C raises KeyboardInterrupt)."""
+    return signals_raise((signal.SIGTERM,))
 
 
 # --- -o FILE ---------------------------------------------------------------------

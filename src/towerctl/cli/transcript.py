@@ -10,7 +10,7 @@ from uuid import UUID
 
 import typer
 
-from towerctl.cli.output import sigterm_raises
+from towerctl.cli.output import signals_raise, sigterm_raises
 from towerctl.cli.pager import paged
 from towerctl.cli.params import Role, count_option, message_id_option, session_id_argument
 from towerctl.cli.progress import progress
@@ -75,7 +75,7 @@ def messages(
     conn, _ = authorized_session(ctx, session_id, macaroon, macaroon_file, "read")
     transcripts.check_selection(conn, selection)
     try:
-        with sigterm_raises():
+        with signals_raise():
             if target.path is None:
                 fd = 1 if target.fd is None else target.fd
                 on_terminal = binary_stdout(fd).isatty()
@@ -92,9 +92,9 @@ def messages(
                 options = export.Options(chosen, raw=raw)
                 with atomic_file(target.path) as handle, _progress_bar() as progress:
                     done = export.export(conn, selection, options, handle, progress=progress)
-    except Terminated:
-        note("towerctl: terminated")
-        raise typer.Exit(143) from None
+    except Terminated as ended:
+        note(f"towerctl: terminated ({ended.name})")
+        raise typer.Exit(ended.exit_code) from None
     finally:
         target.close()
     if target.path is not None:
