@@ -54,6 +54,9 @@ def test_packaged_migrations_apply_once_and_report_up_to_date(cli: CLI, empty_db
     assert set(entry) >= {"version", "name", "state", "checksum", "appliedAt", "executionMs"}
     assert entry["name"] == "session_messages" and entry["state"] == "applied"
     assert len(entry["checksum"]) == 64 and entry["appliedAt"].endswith("Z")
+    with psycopg.connect(empty_db_url) as c:  # 0011's write, dropped by 0015
+        dead = "SELECT count(*) FROM pg_proc WHERE proname = 'towerctl_record_request'"
+        assert c.execute(dead).fetchone() == (0,)
 
 
 def test_failing_file_leaves_no_trace_and_names_file_and_line(
