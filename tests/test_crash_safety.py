@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,7 +30,6 @@ import pytest
 
 import faults
 from conftest import CLI, ROOT_KEY_HEX, OpenedSession, open_session
-from towerctl.batch import BURST_LINES
 
 RecordProperty = Callable[[str, object], None]
 
@@ -142,11 +140,11 @@ def kill_batches(
         after = faults.store_figures(db_url, s.id)
         assert_money_and_messages(after)
         mine = {k: v for k, v in after.keys.items() if k.startswith(prefix + "-")}
-        # The store holds a prefix of the batch's lines: the printed ones, plus the
-        # burst recorded but not yet printed (an echo batch's writes wait for the disk
-        # together) and one committed by the server after the client died.
+        # The store holds a prefix of the batch's lines: the printed ones, plus at most
+        # the request in flight (committed by the server after the client died, or
+        # before its outcome line was written).
         assert set(mine) == {f"{prefix}-{i}" for i in range(len(mine))}
-        assert 0 <= len(mine) - len(printed) <= BURST_LINES + 1, (len(mine), len(printed))
+        assert 0 <= len(mine) - len(printed) <= 1, (len(mine), len(printed))
         for i, o in enumerate(printed):
             assert mine[f"{prefix}-{i}"] == (o["requestId"], o["debitedSats"])
         assert after.requests == before.requests + len(mine)
@@ -267,14 +265,6 @@ def wait_for_lines(proc: faults.Towerctl, count: int, timeout: float = 60) -> in
     raise AssertionError(f"no {count} outcomes within {timeout}s: {proc.stderr}")
 
 
-def unanswered(err: str) -> int:
-    """How many lines towerctl said were recorded but not answered (0 when it said none)."""
-    found = re.search(r"; (one|\d+) more lines? (?:was|were) recorded but not answered", err)
-    if found is None:
-        return 0
-    return 1 if found.group(1) == "one" else int(found.group(1))
-
-
 def stop_server_mid_batch(tmp_path: Path, *, cycles: int, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     outcomes: Counter[str] = Counter()
@@ -337,10 +327,9 @@ def stop_server_mid_batch(tmp_path: Path, *, cycles: int, seed: int) -> dict[str
             assert_money_and_messages(figures)
             mine = {k: v for k, v in figures.keys.items() if k.startswith(prefix + "-")}
             assert set(mine) == {f"{prefix}-{i}" for i in range(len(mine))}
-            # stderr counts the lines recorded but not answered (a burst that could not
-            # be settled); the request in flight may have committed too.
-            said = unanswered(err)
-            assert len(mine) - len(printed) in (said, said + 1), (len(mine), len(printed), err)
+            # Every commit waited for the disk: at most the request in flight was
+            # recorded without its outcome printed.
+            assert len(mine) - len(printed) in (0, 1), (len(mine), len(printed), err)
             if len(mine) > len(printed):
                 outcomes["recorded but not printed when the server stopped"] += 1
             for i, o in enumerate(printed):

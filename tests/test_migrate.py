@@ -54,6 +54,9 @@ def test_packaged_migrations_apply_once_and_report_up_to_date(cli: CLI, empty_db
     assert set(entry) >= {"version", "name", "state", "checksum", "appliedAt", "executionMs"}
     assert entry["name"] == "session_messages" and entry["state"] == "applied"
     assert len(entry["checksum"]) == 64 and entry["appliedAt"].endswith("Z")
+    with psycopg.connect(empty_db_url) as c:  # 0011's write, dropped by 0015
+        dead = "SELECT count(*) FROM pg_proc WHERE proname = 'towerctl_record_request'"
+        assert c.execute(dead).fetchone() == (0,)
 
 
 def test_failing_file_leaves_no_trace_and_names_file_and_line(
@@ -543,56 +546,45 @@ def test_repair_accepts_cosmetic_changes_only_unless_forced(
     assert check.exit_code == ExitCode.OK
 
 
-def _bare_migrate(env: dict[str, str]) -> tuple[int, str, str, bool]:
-    """`towerctl migrate` alone, as a deploy runs it: exit code, stdout, stderr, and whether
-    the command-line parser (typer) was loaded."""
+def _bare_migrate(env: dict[str, str]) -> tuple[int, str, str]:
+    """`towerctl migrate` alone, as a deploy runs it: exit code, stdout, stderr."""
     import os
     import subprocess
     import sys
 
-    # towerctl ends with os._exit (no teardown): the flag is written on the way out.
-    probe = (
-        "import os, sys\nfrom towerctl.console import main\nsys.argv = ['towerctl', 'migrate']\n"
-        "leave = os._exit\n"
-        "def flagged(code):\n"
-        "    open('typer.flag', 'w').write(str('typer' in sys.modules))\n"
-        "    leave(code)\n"
-        "os._exit = flagged\n"
-        "main()\n"
-    )
+    towerctl = Path(sys.executable).with_name("towerctl")
     done = subprocess.run(
-        [sys.executable, "-c", probe],
+        [str(towerctl), "migrate"],
         env={**os.environ, **env},
         cwd=env["TOWER_HOME"],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    loaded = (Path(env["TOWER_HOME"]) / "typer.flag").read_text() == "True"
-    return done.returncode, done.stdout, done.stderr, loaded
+    return done.returncode, done.stdout, done.stderr
 
 
 @pytest.mark.timeout(180)
-def test_a_bare_migrate_answers_an_up_to_date_database_without_the_parser(
+def test_a_bare_migrate_says_up_to_date_applies_and_refuses_in_one_line(
     empty_db_url: str, tmp_path: Path
 ) -> None:
     home = tmp_path / "home"
     home.mkdir()
     env = {"TOWER_DATABASE_URL": empty_db_url, "TOWER_HOME": str(home), "NO_COLOR": "1"}
-    code, out, err, parser = _bare_migrate(env)  # a fresh database: the full command applies
-    assert code == ExitCode.OK and "applied" in err and parser, err
-    code, out, err, parser = _bare_migrate(env)
-    assert (code, out, err, parser) == (ExitCode.OK, "", "up to date: nothing to apply\n", False)
+    code, out, err = _bare_migrate(env)  # a fresh database: every file is applied
+    assert code == ExitCode.OK and "applied" in err, err
+    code, out, err = _bare_migrate(env)
+    assert (code, out, err) == (ExitCode.OK, "", "up to date: nothing to apply\n")
     folder = tmp_path / "more"
     folder.mkdir()
     for packaged in migrations.default_dir().glob("*.sql"):
         write(folder, packaged.name, packaged.read_text())
     write(folder, "9001_more.sql", "CREATE TABLE more_things (id int);\n")
-    code, out, err, parser = _bare_migrate({**env, "TOWER_MIGRATIONS_DIR": str(folder)})
-    assert code == ExitCode.OK and "applied 9001_more.sql" in err and parser, err
+    code, out, err = _bare_migrate({**env, "TOWER_MIGRATIONS_DIR": str(folder)})
+    assert code == ExitCode.OK and "applied 9001_more.sql" in err, err
     (folder / "9001_more.sql").write_text("CREATE TABLE more_things (id bigint);\n")  # drift
-    code, out, err, parser = _bare_migrate({**env, "TOWER_MIGRATIONS_DIR": str(folder)})
+    code, out, err = _bare_migrate({**env, "TOWER_MIGRATIONS_DIR": str(folder)})
     assert code == ExitCode.MIGRATION and err.count("\n") == 1 and "9001_more.sql" in err, err
     bad = {**env, "TOWER_DATABASE_URL": "postgresql://nobody:secret@127.0.0.1:1/none"}
-    code, out, err, parser = _bare_migrate(bad)
+    code, out, err = _bare_migrate(bad)
     assert code == ExitCode.UNREACHABLE and err.count("\n") == 1 and "secret" not in err, err

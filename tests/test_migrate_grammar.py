@@ -290,9 +290,9 @@ def test_tree_checksum_matches_the_recorded_one_on_hostile_sql(script: str) -> N
 def test_ledger_rows_hold_the_recorded_tree_checksum(
     cli: CLI, empty_db_url: str, tmp_path: Path
 ) -> None:
-    """The run computes each file's tree checksum late (while the server runs the file before
-    it) from the parse it checked; the ledger gets the digest earlier towerctl recorded, for
-    pipelined files, the run's last file and a no-transaction file alike; steps keep no trees."""
+    """The run computes each file's tree checksum from the parse it checked; the ledger gets
+    the digest earlier towerctl recorded, for transactional files, the run's last file and a
+    no-transaction file alike; steps keep no trees."""
     from towerctl import migrations
 
     folder = tmp_path / "sql"

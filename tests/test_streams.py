@@ -628,8 +628,7 @@ def test_an_unreachable_database_exits_8_with_a_standard_stream_closed(
     closed: str, command: str
 ) -> None:
     """Started with stdout and/or stderr closed (a cron line's `>&-`): the unreachable
-    database is still exit 8, never a traceback's 1 (the bare `migrate` is answered
-    without the parser, `migrate status` by it)."""
+    database is still exit 8, never a traceback's 1."""
     towerctl = Path(sys.executable).with_name("towerctl")
     done = subprocess.run(
         ["bash", "-c", f"{towerctl} {command} {closed}"],

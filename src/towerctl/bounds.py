@@ -209,10 +209,7 @@ class LineTooLong(Exception):
 class BoundedLines:
     """The lines of a binary stream, each read with at most `limit` bytes (plus its
     newline) held. A longer line raises `LineTooLong` and nothing more of the stream
-    is read (an endless line, `/dev/zero`, is never read to its end).
-
-    `ready()` says whether the next line can be had without waiting for the writer,
-    so a reader can tell a burst of lines from a writer that waits for an answer."""
+    is read (an endless line, `/dev/zero`, is never read to its end)."""
 
     CHUNK = 1 << 16
 
@@ -233,18 +230,6 @@ class BoundedLines:
                 raise StopIteration
             self._read()
 
-    def ready(self) -> bool:
-        """True when the next line (or the end, or a line past the bound) is here
-        already; reads only what the stream holds without waiting."""
-        while not self._complete():
-            if not self._readable_now():
-                return False
-            self._read()
-        return True
-
-    def _complete(self) -> bool:
-        return self._ended or b"\n" in self._held or len(self._held) > self.limit
-
     def _take_line(self) -> bytes | None:
         end = self._held.find(b"\n")
         if end > self.limit or (end < 0 and len(self._held) > self.limit):
@@ -264,20 +249,6 @@ class BoundedLines:
             self._held += chunk
         else:
             self._ended = True
-
-    def _readable_now(self) -> bool:
-        """True when a read would not wait (data or end of input); streams without a
-        file descriptor (in memory) never wait."""
-        import select
-
-        try:
-            fd = self.stream.fileno()
-        except (AttributeError, OSError, ValueError):
-            return True
-        try:
-            return bool(select.select([fd], [], [], 0)[0])
-        except (OSError, ValueError):
-            return False
 
 
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")

@@ -1,21 +1,11 @@
-"""The `towerctl` program's entry point: answers `--version`, and a bare `migrate` on an
-up-to-date database, before loading the parser."""
+"""The `towerctl` program's entry point: answers `--version` before loading the parser."""
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import sys
-from typing import NoReturn
-
-# Python's cyclic garbage collector runs a young-generation pass every 700 new container
-# objects and, now and then, a pass over everything: while a command imports its modules
-# (click, typer, psycopg: objects that live as long as the process) that was 30-45 ms of
-# every start, about a tenth of an up-to-date `migrate`. Young passes every 50,000 objects
-# and rare full ones free the same cycles in a long command (reference counting frees
-# everything else at once).
-GC_THRESHOLDS = (50_000, 20, 20)
+from typing import TextIO
 
 
 def main() -> None:
@@ -27,21 +17,14 @@ def main() -> None:
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the process's own stderr)
     if sys.argv[1:] == ["--version"]:
-        leave(version())
-    gc.set_threshold(*GC_THRESHOLDS)
-    try:
-        # a deploy's call: up to date is answered without the parser
-        if sys.argv[1:] == ["migrate"]:
-            from towerctl.quick_migrate import answered
+        code = version()
+    else:
+        from towerctl.cli import run
 
-            if answered():
-                raise SystemExit(0)
-        from towerctl.cli import main as run_cli
-
-        run_cli()
-    except SystemExit as done:
-        leave(done.code)
-    leave(0)
+        code = run()
+    for stream in (sys.stdout, sys.stderr):
+        _flush_or_silence(stream)
+    sys.exit(code)
 
 
 def version() -> int:
@@ -60,24 +43,14 @@ def version() -> int:
     return 0
 
 
-def leave(code: object) -> NoReturn:
-    """End the process once the command is done: flush what it wrote, then exit without the
-    interpreter's teardown. That teardown (every module's objects freed, the collector run
-    over all of them) cost 120-220 ms of every command on the reference machine, a sixth of
-    a 1,000-line batch, and does nothing towerctl needs: every command has closed its
-    connections, files and children before it returns (`cli.run` catches everything, so
-    their `finally` blocks have run), and its only thread is a daemon."""
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):  # SystemExit("message"): said on stderr, exit 1
-        if sys.stderr is not None:
-            with contextlib.suppress(Exception):
-                sys.stderr.write(f"{code}\n")
-        code = 1
-    for stream in (sys.stdout, sys.stderr):
-        # None: started with that descriptor closed. A reader gone or a full device:
-        # `cli.run` has already chosen the exit code.
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                stream.flush()
-    os._exit(code)
+def _flush_or_silence(stream: TextIO) -> None:
+    """Flush a standard stream; when that fails (a reader gone, a full device: `cli.run`
+    has already chosen the exit code), point its descriptor at /dev/null so that the
+    interpreter's own flush at exit is silent and leaves the exit code alone."""
+    try:
+        stream.flush()
+    except Exception:
+        with contextlib.suppress(Exception):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)

@@ -14,7 +14,6 @@ from towerctl.errors import DatabaseUnreachable, MigrationError, TowerError
 if TYPE_CHECKING:
     import psycopg
     from psycopg import Connection as Connection  # for layers above that must not import psycopg
-    from psycopg import pq
 
 
 def describe(url: str) -> str:
@@ -200,36 +199,3 @@ def connect(url: str, *, application_name: str = "towerctl") -> psycopg.Connecti
             hint="check --database-url / TOWER_DATABASE_URL",
         ) from None
     return conn
-
-
-def flush_sent(pgconn: pq.abc.PGconn) -> None:
-    """Wait until what was sent straight on libpq has left for the server (reading what
-    the server sends meanwhile, so that neither side blocks on a full buffer)."""
-    import select
-
-    while pgconn.flush():
-        readable, _, _ = select.select([pgconn.socket], [pgconn.socket], [])
-        if readable:
-            pgconn.consume_input()
-
-
-def wait_for_result(pgconn: pq.abc.PGconn) -> None:
-    """Wait until libpq can hand over the next result without blocking."""
-    import select
-
-    while pgconn.is_busy():
-        select.select([pgconn.socket], [], [])
-        pgconn.consume_input()
-
-
-def results_of_query_in_flight(conn: psycopg.Connection) -> list[pq.abc.PGresult]:
-    """Every result of the query sent straight on libpq (`conn.pgconn`), read to its end,
-    so that the connection can take the next one (empty: the connection was lost)."""
-    pgconn = conn.pgconn
-    results: list[pq.abc.PGresult] = []
-    while True:
-        wait_for_result(pgconn)
-        result = pgconn.get_result()
-        if result is None:
-            return results
-        results.append(result)

@@ -3,7 +3,6 @@ statement by statement under its lease."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import time
@@ -14,7 +13,6 @@ from towerctl.errors import MigrationError
 from towerctl.migration_files import Migration
 from towerctl.migration_ledger import (
     DROP_LEASE,
-    FAST_PATH_REFUSED,
     INSERT_LEDGER,
     INVALID_INDEXES,
     LEASE_GRACE_SECONDS,
@@ -30,17 +28,10 @@ from towerctl.migration_ledger import (
     take_lock,
     wait_for_lease,
 )
-from towerctl.migration_pipeline import (
-    AROUND_STATEMENTS,
-    FIRST_STATEMENT,
-    FilePipeline,
-    first_failure,
-)
 from towerctl.migration_plan import Step
 
 if TYPE_CHECKING:
     import psycopg
-    from psycopg import pq
 
 
 def _failure(conn: psycopg.Connection, step: Step, current: int, error: Exception) -> Exception:
@@ -50,6 +41,12 @@ def _failure(conn: psycopg.Connection, step: Step, current: int, error: Exceptio
 
     if conn.broken or conn.closed:
         return error
+    if current >= len(step.statements):  # a transactional file's ledger row or COMMIT
+        what = "COMMIT" if current > len(step.statements) else "recording it in the ledger"
+        return MigrationError(
+            f"{step.migration.filename}: {what} failed: {first_line(error)}",
+            hint="nothing of this file was applied",
+        )
     statement = step.statements[current]
     diag = getattr(error, "diag", None)
     position = getattr(diag, "statement_position", None)
@@ -67,12 +64,13 @@ def _failure(conn: psycopg.Connection, step: Step, current: int, error: Exceptio
     return MigrationError(f"{step.migration.filename}, line {line}: {first_line(error)}", hint=hint)
 
 
-def _apply_step_by_step(
+def _apply_in_transaction(
     conn: psycopg.Connection, step: Step, wait: float, allow_out_of_order: bool,
     notify: Notify | None,
 ) -> float:  # fmt: skip
-    """A transactional file after its pipeline's guard refused (nothing of it ran): wait for
-    the lock or lease (naming the holder), re-check the ledger, then run it."""
+    """A transactional file in one transaction: the lock (waited for, naming the holder),
+    the ledger re-checked, the statements, the ledger row; a live lease of a no-transaction
+    file is waited for outside the transaction."""
     import psycopg
 
     migration = step.migration
@@ -89,12 +87,13 @@ def _apply_step_by_step(
                 for index, statement in enumerate(step.statements):
                     current = index
                     conn.execute(statement.text)
-                current = -1
+                current = len(step.statements)  # the ledger row, then COMMIT
                 elapsed = (time.perf_counter() - started) * 1000
                 conn.execute(
                     INSERT_LEDGER,
                     (migration.version, migration.name, migration.checksum, elapsed, False, tree),
                 )
+                current += 1
             return elapsed
         except LeaseBusy:
             wait_for_lease(conn, wait, notify)
@@ -102,50 +101,6 @@ def _apply_step_by_step(
             if current < 0:
                 raise
             raise _failure(conn, step, current, error) from None
-
-
-def _settle(
-    conn: psycopg.Connection, step: Step, results: Sequence[pq.abc.PGresult], failed: int
-) -> None:
-    """After a pipelined file failed at `failed` (and the pipeline is closed): roll back, and
-    return when its guard refused (nothing ran); otherwise raise the file's failure."""
-    import psycopg
-
-    if conn.broken:  # the connection was lost (exit 8), whatever the last result said
-        message = conn.pgconn.get_error_message(conn.info.encoding) or "connection lost"
-        raise psycopg.OperationalError(message)
-    if failed < len(results):
-        error: Exception = psycopg.errors.error_from_result(
-            results[failed], encoding=conn.info.encoding
-        )
-    else:
-        error = psycopg.OperationalError("the server sent fewer results than statements")
-    _roll_back(conn)
-    if failed == 1 and getattr(error, "sqlstate", None) == FAST_PATH_REFUSED:
-        return
-    current = failed - FIRST_STATEMENT
-    if current >= len(step.statements):  # the ledger row or COMMIT (a deferred constraint)
-        from towerctl.db import first_line
-
-        what = "COMMIT" if current > len(step.statements) else "recording it in the ledger"
-        raise MigrationError(
-            f"{step.migration.filename}: {what} failed: {first_line(error)}",
-            hint="nothing of this file was applied",
-        )
-    if current < 0:
-        raise error
-    raise _failure(conn, step, current, error) from None
-
-
-def _roll_back(conn: psycopg.Connection) -> None:
-    """End the failed transaction of the fast path (the server keeps it open, aborted)."""
-    import psycopg
-
-    if conn.broken or conn.closed:
-        return
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        with contextlib.suppress(psycopg.Error):  # the error being raised says more
-            conn.execute("ROLLBACK")
 
 
 def _apply_without_transaction(
@@ -237,69 +192,21 @@ def apply(
 ) -> list[Migration]:
     """Apply every step in order, stopping at the first failure; a step another runner
     applied meanwhile is skipped. Statements wait at most `statement_lock_timeout()` for a
-    table lock; the guard waits at most `lock_timeout`.
-
-    A transactional file is sent as one pipeline, and the next transactional file is queued
-    behind it (see `migration_pipeline`); each file is named when the server starts it: before
-    it is sent, or, when it was queued, as soon as the file before it is applied."""
+    table lock; the guard waits at most `lock_timeout`."""
     check_wait(lock_timeout)
-    pipe = FilePipeline(conn, int(statement_lock_timeout() * 1000), allow_out_of_order)
     done: list[Migration] = []
-    queued = False  # steps[index] was sent behind the file before it
-    for index, step in enumerate(steps):
+    for step in steps:
         name = step.migration.filename
-        if notify and not queued:
+        if notify:
             notify(f"applying {name} …")
-        following = steps[index + 1] if index + 1 < len(steps) else None
-        if following is not None and not following.migration.transactional:
-            following = None
+        run = _apply_in_transaction if step.migration.transactional else _apply_without_transaction
         try:
-            if not step.migration.transactional:
-                elapsed = _apply_without_transaction(
-                    conn, step, lock_timeout, allow_out_of_order, notify
-                )
-                queued = False
-            else:
-                if not queued:
-                    pipe.send(step, durable=step is steps[-1])
-                if following is not None:
-                    pipe.send(following, after=step, durable=following is steps[-1])
-                results = pipe.receive()
-                failed = first_failure(results, len(step.statements) + AROUND_STATEMENTS)
-                if failed < 0:
-                    value = results[-2].get_value(0, 0)
-                    elapsed = float(value) if value else 0.0
-                    queued = following is not None
-                else:
-                    queued = False
-                    if following is not None:
-                        _drain(pipe, following)
-                    _settle(conn, step, results, failed)  # returns when nothing of it ran
-                    elapsed = _apply_step_by_step(
-                        conn, step, lock_timeout, allow_out_of_order, notify
-                    )
+            elapsed = run(conn, step, lock_timeout, allow_out_of_order, notify)
         except Skipped:
             if notify:
                 notify(f"{name} was applied by another runner meanwhile")
             continue
-        except BaseException:
-            pipe.close()
-            raise
         done.append(step.migration)
         if on_applied:
             on_applied(step.migration, elapsed)
-        if notify and queued and following is not None:
-            notify(f"applying {following.migration.filename} …")
     return done
-
-
-def _drain(pipe: FilePipeline, queued: Step) -> None:
-    """Read the results of the file queued behind one that failed: it ran nothing (its BEGIN
-    met the aborted transaction, or its guard refused) unless the connection was lost."""
-    results = pipe.receive()
-    failed = first_failure(results, len(queued.statements) + AROUND_STATEMENTS)
-    if failed > 1 and not pipe.conn.broken:
-        raise MigrationError(
-            f"{queued.migration.filename} ran behind a file that failed",  # the guard prevents it
-            hint="run towerctl migrate --dry-run, then towerctl migrate status",
-        )

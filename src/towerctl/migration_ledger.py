@@ -4,15 +4,12 @@ outside any transaction)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from towerctl.db import flush_sent, results_of_query_in_flight
 from towerctl.errors import BadInput, DatabaseUnreachable, MigrationError
 from towerctl.migration_files import Migration
 from towerctl.migration_plan import AppliedMigration
@@ -23,7 +20,6 @@ if TYPE_CHECKING:
 LEDGER_TABLE = "tower_schema_migrations"
 LEASE_TABLE = "tower_schema_migration_lease"
 REPAIRS_TABLE = "tower_schema_migration_repairs"
-GUARD_FUNCTION = "tower_schema_migration_guard"
 LOCK_KEY = 0x746F776572_6D6967  # "tower" "mig"
 MAX_LOCK_WAIT_SECONDS = 86_400
 LEASE_GRACE_SECONDS = 5  # a lease whose holder stopped renewing it (and runs nothing) expires
@@ -65,8 +61,7 @@ CREATE TABLE IF NOT EXISTS {REPAIRS_TABLE} (
 LEDGER_READY = f"""
 SELECT to_regclass('{LEASE_TABLE}') IS NOT NULL AND to_regclass('{REPAIRS_TABLE}') IS NOT NULL
    AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass('{LEDGER_TABLE}')
-               AND attname = 'tree_checksum' AND NOT attisdropped)
-   AND to_regprocedure('{GUARD_FUNCTION}(bigint,boolean,integer,text)') IS NOT NULL,
+               AND attname = 'tree_checksum' AND NOT attisdropped),
        pg_is_in_recovery()"""
 INVALID_INDEXES = """
 SELECT i.indexrelid::regclass FROM pg_index i
@@ -93,51 +88,6 @@ RECHECK = f"""
 SELECT (SELECT checksum FROM {LEDGER_TABLE} WHERE version = %s),
        (SELECT max(version) FROM {LEDGER_TABLE}),
        (SELECT file FROM {LEASE_TABLE} l WHERE {LEASE_LIVE})"""
-# One transactional file in one round trip (pipelined): the guard, a function of the ledger
-# (its plans are kept per server connection, where a DO block would be compiled for every
-# file), takes the lock only if it is free at once and goes on only if the version is
-# unapplied, nothing higher is applied (unless allowed) and no lease is live; otherwise it
-# raises FAST_PATH_REFUSED and the file takes the step-by-step path, which waits, names the
-# holder, skips or refuses as it should. It also sets the statements' lock timeout.
-FAST_PATH_REFUSED = "TWSLO"
-CREATE_GUARD = f"""
-CREATE OR REPLACE FUNCTION {GUARD_FUNCTION}(file_version bigint, out_of_order boolean,
-                                           lock_ms integer, after text)
-RETURNS void LANGUAGE plpgsql AS $towerctl$
-DECLARE
-    applied text;
-    highest bigint;
-    leased text;
-BEGIN
-    IF after IS NOT NULL AND current_setting('towerctl.committed', true) IS DISTINCT FROM after
-    THEN
-        RAISE EXCEPTION 'previous file not committed' USING ERRCODE = '{FAST_PATH_REFUSED}';
-    END IF;
-    IF NOT pg_try_advisory_xact_lock({LOCK_KEY}) THEN
-        RAISE EXCEPTION 'migration lock taken' USING ERRCODE = '{FAST_PATH_REFUSED}';
-    END IF;
-    SELECT checksum INTO applied FROM {LEDGER_TABLE} WHERE version = file_version;
-    SELECT max(version) INTO highest FROM {LEDGER_TABLE};
-    SELECT file INTO leased FROM {LEASE_TABLE} l WHERE {LEASE_LIVE};
-    IF applied IS NOT NULL OR leased IS NOT NULL
-       OR (highest > file_version AND NOT out_of_order) THEN
-        RAISE EXCEPTION 'ledger changed' USING ERRCODE = '{FAST_PATH_REFUSED}';
-    END IF;
-    PERFORM set_config('towerctl.started', extract(epoch FROM clock_timestamp())::text, true);
-    PERFORM set_config('lock_timeout', lock_ms || 'ms', true);
-END
-$towerctl$"""
-FAST_GUARD = f"SELECT {GUARD_FUNCTION}($1, $2, $3, $4)"
-# The ledger row of a file run by the fast path, its time measured by the server. It also
-# marks the session (undone if the transaction does not commit) so that the file queued
-# behind this one (whose guard names the mark in `after`) runs only when this one committed.
-INSERT_LEDGER_TIMED = f"""
-INSERT INTO {LEDGER_TABLE} (version, name, checksum, execution_ms, baseline, tree_checksum)
-VALUES ($1, $2, $3,
-        (extract(epoch FROM clock_timestamp())
-         - current_setting('towerctl.started')::numeric) * 1000,
-        false, $4)
-RETURNING execution_ms, set_config('towerctl.committed', $5, false)"""
 TAKE_LEASE = f"""
 INSERT INTO {LEASE_TABLE} (token, version, file, owner, application_name, deadline)
 VALUES (%s, %s, %s, %s, current_setting('application_name'),
@@ -232,71 +182,8 @@ def ensure_ledger(
     with conn.transaction():
         take_lock(conn, timeout_seconds, notify)
         conn.execute("SET LOCAL lock_timeout = '10s'")
-        for ddl in (CREATE_LEDGER, ADD_TREE_CHECKSUM, CREATE_LEASE, CREATE_REPAIRS, CREATE_GUARD):
+        for ddl in (CREATE_LEDGER, ADD_TREE_CHECKSUM, CREATE_LEASE, CREATE_REPAIRS):
             conn.execute(ddl)
-
-
-# The ledger's tables made in a transaction left open while the client parses the files (one
-# simple query, not waited for): taken only when the lock is free at once, committed without
-# waiting for the disk (the run's last file's commit flushes it), rolled back on a refusal.
-EARLY_LEDGER = ";\n".join(
-    (
-        "BEGIN",
-        f"""DO $early$ BEGIN
-    IF NOT pg_try_advisory_xact_lock({LOCK_KEY}) THEN
-        RAISE EXCEPTION 'migration lock taken' USING ERRCODE = '{FAST_PATH_REFUSED}';
-    END IF;
-END $early$""",
-        "SET LOCAL synchronous_commit = off",
-        "SET LOCAL lock_timeout = '10s'",
-        CREATE_LEDGER, ADD_TREE_CHECKSUM, CREATE_LEASE, CREATE_REPAIRS, CREATE_GUARD,
-    )
-)  # fmt: skip
-
-
-@dataclass
-class LedgerReady:
-    ready: bool = False  # the ledger is up to date: `ensure_ledger` has nothing to do
-
-
-@contextlib.contextmanager
-def ledger_meanwhile(conn: psycopg.Connection) -> Iterator[LedgerReady]:
-    """Make a missing ledger on the server while the body runs on the client (the up-front
-    check of every file): committed when the body returns, rolled back when it raises. Unless
-    the result says the ledger is ready, `ensure_ledger` follows, and deals with whatever went
-    wrong here (the lock taken, a hot standby)."""
-    state = LedgerReady()
-    ready = conn.execute(LEDGER_READY).fetchone()
-    if not ready or ready[0] or ready[1]:
-        state.ready = bool(ready and ready[0] and not ready[1])
-        yield state
-        return
-    pgconn = conn.pgconn
-    pgconn.send_query(EARLY_LEDGER.encode())
-    flush_sent(pgconn)
-    try:
-        yield state
-    except BaseException:
-        with contextlib.suppress(Exception):  # the error being raised says more
-            _end_early(conn, commit=False)
-        raise
-    state.ready = _end_early(conn, commit=True)
-
-
-def _end_early(conn: psycopg.Connection, *, commit: bool) -> bool:
-    """Read the early transaction's results and end it; whether it committed."""
-    from psycopg import pq
-
-    pgconn = conn.pgconn
-    failed = any(
-        result.status == pq.ExecStatus.FATAL_ERROR for result in results_of_query_in_flight(conn)
-    )
-    open_ = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
-    if pgconn.transaction_status not in open_:
-        return False  # the connection was lost: `ensure_ledger` reports it
-    commit = commit and not failed
-    conn.execute("COMMIT" if commit else "ROLLBACK")
-    return commit
 
 
 def statement_lock_timeout() -> float:

@@ -11,7 +11,7 @@ PgBouncer and frees itself when a runner dies:
 - a transactional file runs in one transaction that first takes
   `pg_advisory_xact_lock(LOCK_KEY)` (waiting at most the lock timeout), then
   re-reads the ledger for its version, runs the file, and inserts its ledger row
-  (sent as one pipeline, with the next file queued behind it: `migration_pipeline`);
+  (every commit waits for the disk);
 - a no-transaction file first takes a *lease*: a row in `LEASE_TABLE` written by a
   short transaction under the same lock. Other runners wait for it outside any
   transaction (polling with backoff), so they never hold a snapshot that the
@@ -57,7 +57,6 @@ from towerctl.migration_ledger import (
     Notify,
     check_wait,
     ensure_ledger,
-    ledger_meanwhile,
     read_ledger,
     statement_lock_timeout,
     take_lock,
@@ -108,10 +107,8 @@ def migrate(
     )
     if not plan.steps:
         return []
-    with ledger_meanwhile(conn) as ledger:  # a missing ledger is made while files are checked
-        steps = prepare(plan)
-    if not ledger.ready:
-        ensure_ledger(conn, lock_timeout, notify)  # refuses a hot standby first (exit 8)
+    steps = prepare(plan)
+    ensure_ledger(conn, lock_timeout, notify)  # refuses a hot standby first (exit 8)
     return apply(
         conn,
         steps,

@@ -5,10 +5,8 @@ as the contract shows it (`RequestOutcome`)."""
 
 from __future__ import annotations
 
-import contextlib
-import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -17,46 +15,45 @@ from towerctl.agents import AgentReply
 from towerctl.config import Pricing
 from towerctl.errors import ExitCode, NotServed
 from towerctl.lease import MARGIN_SECONDS, LeaseLost, SessionLease
-from towerctl.request_chain import History, RequestChain, Start
 from towerctl.request_rules import message_digest, tokens
 
 if TYPE_CHECKING:
     import psycopg
 
+History = list[tuple[str, str, int]]  # (role, content, tokens), newest first
+Start = tuple[str, int, History]  # state, balance, history: what a request starts from
+
 # The outcome's write (migration 0012, after 0011's): the request row, the debit, the
 # balance and both messages, only while this request holds the lease (no row otherwise);
 # the lease given back, or, in a batch (renew), kept for the next request with the
 # state and history it needs: (id, debited, balance after, state, kept, three arrays).
-# Its commit waits for the disk unless `commit` is 'off' (a batch's burst, below): that
-# setting is LOCAL to the request's own transaction, so nothing outlives it, behind a
-# transaction-pooling PgBouncer too.
 RECORD = """
-SELECT w.*, set_config('synchronous_commit',
-                       coalesce(%(commit)s::text, current_setting('synchronous_commit')), true)
-FROM towerctl_write_request(
+SELECT * FROM towerctl_write_request(
     %(sid)s::uuid, %(me)s::uuid, %(state)s::text, %(agent)s::text, %(reason)s::text,
     %(error)s::text, %(in)s::integer, %(out)s::integer, %(cost)s::bigint, %(key)s::text,
     %(digest)s::text, %(pause)s::boolean, %(floor)s::bigint, %(user)s::text,
     %(user_tokens)s::integer, %(reply)s::text, %(reply_tokens)s::integer,
-    %(renew)s::float8, %(context)s::integer) AS w"""
+    %(renew)s::float8, %(context)s::integer)"""
 GONE = "SELECT 1 FROM sessions WHERE id = %s"
-# RECORD's parameters in order, for a write sent straight on libpq (`sender`).
-RECORD_PARAMS = (
-    "sid", "me", "state", "agent", "reason", "error", "in", "out", "cost", "key", "digest",
-    "pause", "floor", "user", "user_tokens", "reply", "reply_tokens", "renew", "context",
-    "commit",
-)  # fmt: skip
-RECORD_AHEAD = re.sub(
-    r"%\((\w+)\)s", lambda m: f"${RECORD_PARAMS.index(m.group(1)) + 1}", RECORD
-).encode()
+
+
+@dataclass
+class KeptLease:
+    """A batch's lease on its session, kept by each write for the next request together
+    with what that request starts from (so it starts without a round trip of its own).
+    The batch gives it back when it ends (`with kept.lease:`); a killed batch's runs out."""
+
+    lease: SessionLease[None]
+    start: Start | None = None
+
+    def take_start(self) -> Start | None:
+        """What the previous write read for this request, while its lease is surely ours."""
+        start, self.start = self.start, None
+        return start if start is not None and self.lease.still_kept() else None
 
 
 def history(roles: list[str] | None, contents: list[str], counts: list[int]) -> History:
     return list(zip(roles, contents, counts, strict=True)) if roles else []
-
-
-class Guessed(Exception):
-    """The start a request was prepared from (the write before it ran ahead) proved wrong."""
 
 
 @dataclass(frozen=True)
@@ -131,12 +128,10 @@ def record(
     pause: bool,
     pricing: Pricing,
     context: int,
-    chain: RequestChain | None,
-    start: Start,
-) -> RequestOutcome | None:
-    """Write the outcome and release (or, in a chain, keep) the lease, in one statement;
-    nothing when it was lost. None: the write runs ahead (`RequestChain`); its outcome
-    joins `chain.done` when the chain catches up."""
+    kept: KeptLease | None,
+) -> RequestOutcome:
+    """Write the outcome and release (or, in a batch, keep) the lease, in one statement;
+    nothing when it was lost."""
     reason = reply.text if reply.state == "rejected" else None
     error = reply.text if reply.state == "failed" else None
     params = lease.params | {
@@ -155,106 +150,12 @@ def record(
         "user_tokens": tokens(message),
         "reply": reply.text,
         "reply_tokens": tokens(reply.text),
-        "renew": lease.hold_seconds if chain is not None else None,
+        "renew": lease.hold_seconds if kept is not None else None,
         "context": context,
-        "commit": None if chain is None or chain.durable else "off",
     }
-    durable = chain is None or chain.durable
-    ahead = chain is not None and chain.ahead and not durable
-    # Sent straight on libpq: encoded now, while the write before it runs.
-    send = sender(conn, params) if ahead else None
-    # The write before this one (running ahead) is finished first; the parameters above
-    # were built meanwhile (they need nothing of its row).
-    if chain is not None and not chain.catch_up():
-        raise Guessed()
     sent = time.monotonic()
-
-    def finish(row: Sequence[Any] | None) -> RequestOutcome:
-        return _recorded(conn, lease, row, sent, durable, reply, reason, error, params, chain)
-
-    def finish_ahead(row: Sequence[Any] | None) -> RequestOutcome:
-        """As `finish`, for a write read while the next line is being served: a refusal
-        (its lease was lost, the session is gone) is this line's outcome, not an error
-        of the next one."""
-        try:
-            return finish(row)
-        except NotServed as refused:
-            return refusal(lease.session_id, str(refused))
-
-    if send is not None:
-        assert chain is not None
-        chain.run_ahead(send, finish_ahead, _left_by(start, params))
-        return None
-    return finish(conn.execute(RECORD, params).fetchone())
-
-
-def sender(conn: psycopg.Connection, params: dict[str, Any]) -> Callable[[], Callable[[], Any]]:
-    """The call that sends RECORD straight on libpq without waiting for its row, and
-    returns the call that reads the row (None: no row), raising as `execute` would.
-    Everything it needs is made here, before the write ahead of it is read, so that
-    the server waits as little as possible between the two. Nothing else may use the
-    connection in between (`RequestChain` reads it before anything else is sent)."""
-    from psycopg import OperationalError, pq
-    from psycopg.adapt import Transformer
-    from psycopg.errors import error_from_result
-
-    from towerctl.db import flush_sent, results_of_query_in_flight
-
-    pgconn, encoding = conn.pgconn, conn.info.encoding
-    values = [_text(params[name], encoding) for name in RECORD_PARAMS]
-
-    def send() -> Callable[[], Any]:
-        pgconn.send_query_params(RECORD_AHEAD, values)
-        flush_sent(pgconn)
-        return receive
-
-    def receive() -> Any:
-        try:
-            results = results_of_query_in_flight(conn)
-        except KeyboardInterrupt:  # as psycopg does: cancel, and read the query to its end
-            with contextlib.suppress(Exception):
-                pgconn.get_cancel().cancel()
-                results_of_query_in_flight(conn)
-            raise
-        if not results or pgconn.status != pq.ConnStatus.OK:
-            raise OperationalError("the server closed the connection unexpectedly")
-        for result in results:
-            if result.status == pq.ExecStatus.FATAL_ERROR:
-                raise error_from_result(result, encoding=encoding)
-        rows = Transformer(conn)
-        rows.set_pgresult(results[0])
-        return rows.load_row(0, tuple) if results[0].ntuples else None
-
-    return send
-
-
-def _text(value: Any, encoding: str) -> bytes | None:
-    """A parameter as PostgreSQL's text input (RECORD casts every one), encoded as psycopg
-    encodes text (UTF-8 for a SQL_ASCII database)."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return b"t" if value else b"f"
-    return str(value).encode("utf-8" if encoding == "ascii" else encoding)
-
-
-def _left_by(start: Start, params: dict[str, Any]) -> Start | None:
-    """The start a write leaves for the next request when it keeps the lease, by the
-    write's own rules (towerctl_write_request); None when it would not keep it."""
-    state, balance, recent = start
-    debited = min(params["cost"], balance) if params["state"] == "complete" else 0
-    after = balance - debited
-    if state != "active" or params["pause"] or after < params["floor"]:
-        return None
-    written = [
-        (role, content, count)
-        for role, content, count in (
-            ("assistant", params["reply"], params["reply_tokens"]),
-            ("user", params["user"], params["user_tokens"]),
-        )
-        if content != ""
-    ]
-    return ("active", after, (written + recent)[: params["context"]])
+    row = conn.execute(RECORD, params).fetchone()
+    return _recorded(conn, lease, row, sent, reply, reason, error, params, kept)
 
 
 def _recorded(
@@ -262,12 +163,11 @@ def _recorded(
     lease: SessionLease[Any],
     row: Sequence[Any] | None,
     sent: float,
-    durable: bool,
     reply: AgentReply,
     reason: str | None,
     error: str | None,
     params: dict[str, Any],
-    chain: RequestChain | None,
+    kept: KeptLease | None,
 ) -> RequestOutcome:
     """The outcome of a write's row (None: the lease was lost, nothing written)."""
     session_id = lease.session_id
@@ -281,12 +181,10 @@ def _recorded(
             "or charged",
             hint=f"the lease lasts the agent deadline + {MARGIN_SECONDS:g}s; retry",
         )
-    rid, debited, balance_after, state, kept, roles, contents, counts, _commit = row
-    if chain is not None:
-        chain.unsettled = not durable
-    if kept and chain is not None:
+    rid, debited, balance_after, state, renewed, roles, contents, counts = row
+    if renewed and kept is not None:
         lease.kept(sent)
-        chain.next_start = (state, balance_after, history(roles, contents, counts))
+        kept.start = (state, balance_after, history(roles, contents, counts))
     else:
         lease.released()  # by the statement above
     return RequestOutcome(

@@ -12,7 +12,7 @@ At most one request per session is in flight: the session row's lease (`lease`)
 is taken, in the same call as the reads the request needs (0012's
 `towerctl_take_request`), and released by the call that writes the outcome
 (`towerctl_write_request`), which writes nothing when the lease was lost. In a
-batch (`RequestChain`) that write may instead keep the lease and read the next
+batch (`KeptLease`) that write may instead keep the lease and read the next
 request's history: a batch line then costs one round trip. Both are plpgsql
 functions, so the server keeps their plans per connection without prepared
 statements (pooler-safe). No transaction is open while the agent runs.
@@ -29,7 +29,6 @@ from towerctl.agents import Agent, AgentReply, ChatMessage
 from towerctl.config import Pricing, RequestLimits
 from towerctl.errors import BadInput, NotServed
 from towerctl.lease import SessionLease, hold_seconds
-from towerctl.request_chain import History, RequestChain
 from towerctl.request_rules import (
     bounded_reply,
     context_window,
@@ -40,7 +39,7 @@ from towerctl.request_rules import (
     validate_idempotency_key,
     validate_message,
 )
-from towerctl.request_write import Guessed, RequestOutcome, history, record, refusal
+from towerctl.request_write import History, KeptLease, RequestOutcome, history, record, refusal
 
 if TYPE_CHECKING:
     import psycopg
@@ -94,42 +93,17 @@ def run_request(
     idempotency_key: str | None = None,
     pricing: Pricing | None = None,
     limits: RequestLimits | None = None,
+    kept: KeptLease | None = None,
 ) -> RequestOutcome:
-    """Serve one request on a session (the caller has authorised it)."""
-    outcome = serve_request(
-        conn,
-        session_id,
-        message,
-        agent,
-        idempotency_key=idempotency_key,
-        pricing=pricing,
-        limits=limits,
-    )
-    assert outcome is not None  # only a chain's write runs ahead
-    return outcome
-
-
-def serve_request(
-    conn: psycopg.Connection,
-    session_id: UUID,
-    message: str,
-    agent: Agent,
-    *,
-    idempotency_key: str | None = None,
-    pricing: Pricing | None = None,
-    limits: RequestLimits | None = None,
-    chain: RequestChain | None = None,
-) -> RequestOutcome | None:
-    """Serve one request on a session (the caller has authorised it); `chain`: one of a
-    batch's (the lease may be kept for the next, and is then the batch's to give back).
-    None only in a chain whose write runs ahead: the outcome joins `chain.done` later."""
+    """Serve one request on a session (the caller has authorised it); `kept`: a batch's
+    lease, which the write keeps for the next request (the batch gives it back)."""
     pricing = pricing or Pricing()
     limits = limits or RequestLimits()
     validate_message(message, limits)
     key = validate_idempotency_key(idempotency_key)
     lease: SessionLease[None] = (
-        chain.lease
-        if chain is not None
+        kept.lease
+        if kept is not None
         else SessionLease(
             conn,
             session_id,
@@ -137,13 +111,10 @@ def serve_request(
             wait_seconds=limits.busy_wait_seconds,
         )
     )
-    # A key must be looked up under the lease: such a request always asks the server,
-    # after the write before it.
-    if chain is not None and key is not None:
-        chain.catch_up()
-    start = chain.kept_start() if chain is not None and key is None else None
+    start = kept.take_start() if kept is not None else None
     try:
-        if start is not None:
+        # A key is looked up under the lease: such a request always asks the server.
+        if start is not None and key is None:
             state, balance, recent = start
         else:
             params = lease.params | {"key": key, "context": limits.context_messages}
@@ -157,20 +128,7 @@ def serve_request(
             raise NotServed(f"session {session_id} is {state.replace('_', ' ')}")
         if state == "paused":
             raise NotServed(f"session {session_id} is paused", hint="top it up to resume")
-        return _serve(
-            conn, lease, message, agent, key, state, balance, recent, pricing, limits, chain
-        )
-    except Guessed:  # prepared from a start the write before it did not leave: again
-        return serve_request(
-            conn,
-            session_id,
-            message,
-            agent,
-            idempotency_key=idempotency_key,
-            pricing=pricing,
-            limits=limits,
-            chain=chain,
-        )
+        return _serve(conn, lease, message, agent, key, recent, balance, pricing, limits, kept)
     except BaseException:
         with contextlib.suppress(Exception):  # the first error is the one to report
             lease.release()  # the lease runs out on its own if this fails
@@ -183,13 +141,12 @@ def _serve(
     message: str,
     agent: Agent,
     key: str | None,
-    state: str,
-    balance: int,
     recent: History,
+    balance: int,
     pricing: Pricing,
     limits: RequestLimits,
-    chain: RequestChain | None,
-) -> RequestOutcome | None:
+    kept: KeptLease | None,
+) -> RequestOutcome:
     """The context, the minimum-cost check, the agent and the write, under the lease."""
     context = context_window(recent, limits)
     conversation = [*context, ChatMessage("user", message)]
@@ -200,8 +157,7 @@ def _serve(
         "key": key,
         "pricing": pricing,
         "context": limits.context_messages,
-        "chain": chain,
-        "start": (state, balance, recent),
+        "kept": kept,
     }
     if minimum > balance:
         reason = (

@@ -31,11 +31,6 @@ class Agent(Protocol):
     @property
     def name(self) -> str: ...
 
-    # True when the agent answers in-process at once (no process, no network): a batch
-    # then lets a burst of its writes wait for the disk together (batch.py).
-    @property
-    def instant(self) -> bool: ...
-
     def answer(self, session_id: str, conversation: list[ChatMessage]) -> AgentReply: ...
 
 
@@ -70,7 +65,6 @@ class EchoAgent:
     """Offline and deterministic: the result is the user's message."""
 
     name: str = "echo"
-    instant: bool = True
 
     def answer(self, session_id: str, conversation: list[ChatMessage]) -> AgentReply:
         return AgentReply("complete", conversation[-1].content)

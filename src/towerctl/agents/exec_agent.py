@@ -129,7 +129,6 @@ class ExecAgent:
     timeout: float
     max_output_bytes: int = bounds.reply_output_bytes(int(bounds.REPLY_CHARS.default))
     name: str = "exec"
-    instant: bool = False
 
     def answer(self, session_id: str, conversation: list[ChatMessage]) -> AgentReply:
         payload = json.dumps(

@@ -146,7 +146,6 @@ class OpenAIAgent:
     timeout: float
     max_body_bytes: int = bounds.http_body_bytes(int(bounds.REPLY_CHARS.default))
     name: str = "openai"
-    instant: bool = False
 
     def answer(self, session_id: str, conversation: list[ChatMessage]) -> AgentReply:
         import httpx  # imported on use, as elsewhere here: most runs never need it

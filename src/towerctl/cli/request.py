@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import select
+import stat
+import struct
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+import termios
+import time
+from typing import Any
 from uuid import UUID
 
 import typer
@@ -20,9 +26,6 @@ from towerctl.cli.session import (
 )
 from towerctl.cli.state import print_json, stdin_bytes
 
-if TYPE_CHECKING:
-    from psycopg import Connection
-
 
 def _reply_text(text: str) -> str:
     """The reply as printed: exact on a pipe or file (it is data); on a terminal every
@@ -33,16 +36,36 @@ def _reply_text(text: str) -> str:
 
 
 def _reader_gone() -> bool:
-    """True when stdout is a pipe whose reader has closed it (poll reports an error)."""
-    import select
+    """Whether nobody reads stdout any more, asked before a batch line's agent is called.
 
+    On a pipe it first waits until the reader has taken every outcome written so far,
+    or has gone: a reader that stops after some line (`head -1`) and is still exiting
+    must not have the next request run and charged with nobody to read its outcome."""
     try:
         fd = sys.stdout.fileno()
+        pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
     except (AttributeError, OSError, ValueError):
         return False
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
-    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    pause = 0.0001
+    while True:
+        if any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
+            return True
+        if not pipe or _unread_bytes(fd) == 0:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.01)
+
+
+def _unread_bytes(fd: int) -> int:
+    """How many bytes written to the pipe `fd` its reader has not taken (0 when the
+    system cannot say)."""
+    try:
+        held = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", held)[0])
 
 
 def _emit_line(doc: dict[str, Any]) -> None:
@@ -59,15 +82,6 @@ def _emit_line(doc: dict[str, Any]) -> None:
         raise WriteFailed("the reader of stdout went away") from None
     except OSError as error:
         raise WriteFailed(f"cannot write to standard output: {error.strerror}") from None
-
-
-def _second_connection(ctx: typer.Context) -> Callable[[], Connection]:
-    """Opens another connection to the primary, for a batch's settles (`batch.Settler`)."""
-    from towerctl import db
-    from towerctl.cli.state import store
-
-    url = store(ctx).url()
-    return lambda: db.connect(url, application_name="towerctl-settle")
 
 
 @app.command("request")
@@ -134,7 +148,6 @@ def request(
                 reader_gone=_reader_gone,
                 pricing=pricing,
                 limits=limits,
-                settle_beside=_second_connection(ctx),
             )
         return
     text = (
