@@ -102,3 +102,21 @@ def test_daily_commands_show_examples(cli: CLI, path: tuple[str, ...]) -> None:
         assert "towerctl " + " ".join(path) in line
         if path[0] == "session":
             assert token_set or "--macaroon-file" in line, line
+
+
+def test_help_is_a_command_too(cli: CLI) -> None:
+    done = cli("help", "session", "messages")
+    assert done.exit_code == ExitCode.OK
+    assert done.stdout == cli("session", "messages", "--help").stdout
+    assert cli("help").stdout == cli("--help").stdout
+    assert cli("help", "nosuch").exit_code == ExitCode.BAD_INPUT
+
+
+def test_completion_help_keeps_each_install_line_whole(cli: CLI) -> None:
+    text = cli("completion", "--help").stdout
+    for shell, line in (("bash", "bash: towerctl completion bash >"),
+                        ("zsh", "zsh:  towerctl completion zsh >"),
+                        ("fish", "fish: towerctl completion fish >")):  # fmt: skip
+        shown = [row.strip() for row in text.splitlines() if row.strip().startswith(line)]
+        assert len(shown) == 1, (shell, text)
+        assert shown[0].endswith(("towerctl", '_towerctl"', "towerctl.fish")), shown

@@ -295,3 +295,14 @@ def test_root_key_with_whitespace_inside_is_refused(
 ) -> None:
     monkeypatch.setenv("TOWER_ROOT_KEY", key)
     assert cli("macaroon", "mint", session.id).exit_code == ExitCode.BAD_INPUT
+
+
+def test_verify_json_says_what_the_token_allows(cli: CLI, session: OpenedSession) -> None:
+    done = cli("macaroon", "verify", session.macaroon, "--json")
+    assert done.exit_code == ExitCode.OK, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["valid"] is True and doc["sessionId"] == session.id
+    assert doc["scopes"] == ["read", "request"] and doc["expiresAt"].endswith("Z")
+    refused = cli("macaroon", "verify", session.macaroon + "x", "--json")
+    assert refused.exit_code == ExitCode.UNAUTHORIZED
+    assert json.loads(refused.stdout)["error"]["exitCode"] == ExitCode.UNAUTHORIZED

@@ -318,3 +318,15 @@ def test_messages_of_a_failed_or_refused_request_are_marked_in_every_format(cli:
     assert headings[5].endswith(" · request rejected")
     table = cli("session", "messages", session.id, *token).stdout
     assert table.count("(failed)") == 1 and table.count("(rejected)") == 1
+
+
+def test_json_flag_is_the_json_format(cli: CLI, chat: OpenedSession) -> None:
+    assert messages(cli, chat, "--json").stdout == messages(cli, chat, "--format", "json").stdout
+    clash = messages(cli, chat, "--json", "--format", "csv")
+    assert clash.exit_code == ExitCode.BAD_INPUT
+
+
+def test_table_rows_come_without_blank_lines(cli: CLI, chat: OpenedSession) -> None:
+    """Nor between the chunks that --follow prints: they are the same tables, headless."""
+    text = messages(cli, chat, "--last", "2").stdout
+    assert "" not in [line.strip() for line in text.splitlines()]

@@ -166,7 +166,9 @@ def write_transcript_table(
     role_style = {"user": "bold cyan", "assistant": "bold green"}
 
     def new_table(header: bool) -> Table:
-        table = Table(box=box.SIMPLE_HEAD, show_header=header, pad_edge=False, expand=True)
+        table = Table(
+            box=box.SIMPLE_HEAD, show_header=header, show_edge=False, pad_edge=False, expand=True
+        )
         table.add_column("id", justify="right", width=7, no_wrap=True)
         table.add_column("time (UTC)", width=24, no_wrap=True)
         table.add_column("role", width=10, no_wrap=True)

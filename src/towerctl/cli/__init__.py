@@ -33,6 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "Which database, home, migrations and root key are in use.",
     ),
     "key": ("towerctl.cli.key:app", "The root key that mints macaroons: show, rotate."),
+    "help": ("towerctl.cli.help:help_command", "Show the help of a command."),
     "completion": (
         "towerctl.cli.completion:completion",
         "Print the shell completion script for bash, zsh or fish.",

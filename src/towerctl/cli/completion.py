@@ -18,6 +18,7 @@ def completion(
     It completes commands, options, --format values and, when the store is at
     hand, session ids. Install it once:
 
+    \b
       bash: towerctl completion bash > ~/.local/share/bash-completion/completions/towerctl
       zsh:  towerctl completion zsh > "${fpath[1]}/_towerctl"
       fish: towerctl completion fish > ~/.config/fish/completions/towerctl.fish

@@ -111,6 +111,7 @@ def verify(
     token: str = TOKEN,
     session: UUID | None = session_id_option("--session", "Require this session."),
     scope: str | None = typer.Option(None, "--scope", help="Require this scope."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Check a token: signature, caveats, expiry, revocation (exit 3 when it fails)."""
     from towerctl import auth, keys
@@ -128,6 +129,17 @@ def verify(
     info = auth.authorize(
         connect(ctx), keys.load_ring(), _token(token), session_id=sid, scope=required
     )
+    if as_json:
+        print_json(
+            {
+                "valid": True,
+                "sessionId": info.session_id,
+                "scopes": list(info.scopes),
+                "expiresAt": info.expires_at,
+                "keyId": info.key_id,
+            }
+        )
+        return
     sys.stdout.write(
         f"valid: session {info.session_id}, scopes {','.join(info.scopes)}, "
         f"expires {iso(info.expires_at)}\n"

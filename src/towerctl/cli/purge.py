@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import timedelta
 
 import typer
@@ -38,10 +39,12 @@ def purge(
     if dry_run:
         done = service.count(conn, expired_for)
     else:
-        if not yes:
+        planned = service.count(conn, expired_for) if not yes else None
+        if planned is not None and planned.messages == 0:
+            done = replace(planned, dry_run=False)  # nothing to delete: nothing to ask
+        elif planned is not None:
             if not sys.stdin.isatty():
                 raise BadInput("refusing to purge without --yes when not on a terminal")
-            planned = service.count(conn, expired_for)
             question = (
                 f"Delete {planned.messages} message{'s' if planned.messages != 1 else ''} of "
                 f"{planned.sessions} session{'s' if planned.sessions != 1 else ''} "
@@ -49,8 +52,9 @@ def purge(
             )
             if not typer.confirm(question, err=True):
                 raise BadInput("not confirmed; nothing deleted")
-        with _progress_display() as progress:
-            done = service.purge(conn, expired_for, progress=progress)
+        if planned is None or planned.messages:
+            with _progress_display() as progress:
+                done = service.purge(conn, expired_for, progress=progress)
     if as_json:
         print_json(done.as_json())
         return

@@ -25,6 +25,7 @@ def messages(
     ctx: typer.Context,
     session_id: UUID = session_id_argument(),
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
+    as_json: bool = typer.Option(False, "--json", help="The same as --format json."),
     limit: int | None = count_option(
         None, "--limit", MAX_PAGE, "At most this many messages: the first of the selection."
     ),
@@ -64,7 +65,9 @@ def messages(
     from towerctl.cli.outfile import STDOUT, atomic_file, resolve_output
     from towerctl.cli.output import Terminated, binary_stdout
 
-    chosen = fmt
+    if as_json and fmt not in (Format.table, Format.json):
+        raise BadInput(f"--json and --format {fmt.value} cannot be used together")
+    chosen = fmt = Format.json if as_json else fmt
     if limit is not None and last is not None:
         raise BadInput("--limit and --last cannot be used together")
     selection = Selection(session_id, after=after, before=before, role=role, limit=limit, last=last)
