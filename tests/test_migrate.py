@@ -150,6 +150,8 @@ def test_drift_missing_and_status_check(cli: CLI, empty_db_url: str, tmp_path: P
     refused = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
     assert refused.exit_code == ExitCode.MIGRATION
     assert "0001_a.sql changed" in refused.stderr
+    # The hint is a command that works as copied: it names the folder.
+    assert f"'towerctl migrate repair 1 --dir {folder}'" in refused.stderr
     assert "c" not in tables(empty_db_url), "nothing may be applied when drift is found"
     status = cli(
         "--database-url", empty_db_url, "migrate", "status", "--dir", str(folder), "--json"
@@ -495,8 +497,8 @@ def test_group_options_status_and_doctor_dir(cli: CLI, empty_db_url: str, tmp_pa
     assert refused.exit_code == ExitCode.BAD_INPUT
     doctor = cli("--database-url", empty_db_url, "doctor", "--dir", str(folder), "--json")
     checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
-    assert "2 changed" in checks["migrations_match_files"]["detail"]
-    assert "3 duplicate" in checks["migrations_match_files"]["detail"]
+    assert "version 2 changed" in checks["migrations_match_files"]["detail"]
+    assert "version 3 duplicate" in checks["migrations_match_files"]["detail"]
 
 
 @pytest.mark.timeout(60)

@@ -681,3 +681,19 @@ def test_a_batch_idle_past_its_kept_lease_takes_the_session_again(
     ] * 2
     assert lease_columns(db_url, s.id) == (None, None)
     assert_store_consistent(db_url)
+
+
+@pytest.mark.parametrize("token_flag", ["--macaroon", "--macaroon-file"])
+@pytest.mark.parametrize("stdin_use", [["-"], [], ["--batch"]])
+def test_stdin_holds_either_the_macaroon_or_the_request(
+    cli: CLI, token_flag: str, stdin_use: list[str]
+) -> None:
+    """`--macaroon -` and a message read from stdin would both take stdin: refused, and
+    nothing runs (the first batch line never becomes the token)."""
+    session = open_session(cli)
+    done = cli("session", "request", session.id, *stdin_use, token_flag, "-",
+               input=session.macaroon + '\n{"message": "hi"}\n')  # fmt: skip
+    assert done.exit_code == ExitCode.BAD_INPUT
+    assert "stdin cannot carry both" in done.stderr
+    shown = cli("session", "messages", session.id, "--json", "--macaroon", session.macaroon)
+    assert json.loads(shown.stdout)["messages"] == []

@@ -145,7 +145,9 @@ def _migrations_check(conn: psycopg.Connection, directory: Path) -> Check:
         return Check("migrations_match_files", False, str(error))
     states = migrations.status(files, migrations.read_ledger(conn))
     bad = [
-        f"{s.version} {s.state}" for s in states if s.state in ("changed", "missing", "duplicate")
+        f"version {s.version} {s.state}"
+        for s in states
+        if s.state in ("changed", "missing", "duplicate")
     ]
     pending = [s.version for s in states if s.state == "pending"]
     if bad:

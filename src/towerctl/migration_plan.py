@@ -11,7 +11,13 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from towerctl.errors import BadInput, MigrationError
-from towerctl.migration_files import Migration, check_file, check_version, tree_checksum
+from towerctl.migration_files import (
+    Migration,
+    check_file,
+    check_version,
+    default_dir,
+    tree_checksum,
+)
 
 if TYPE_CHECKING:
     from towerctl.sqlsplit import ParsedScript, Statement
@@ -84,9 +90,20 @@ def find_problems(files: Sequence[Migration], ledger: Sequence[AppliedMigration]
             problems.append(
                 f"{same[0].filename} changed after it was applied (checksum drift); "
                 "write a new migration instead of editing an applied one, or "
-                f"'towerctl migrate repair {row.version}' if the change is cosmetic"
+                f"'towerctl migrate repair {row.version}{_dir_words(same[0])}' if the change "
+                "is cosmetic"
             )
     return problems
+
+
+def _dir_words(migration: Migration) -> str:
+    """` --dir FOLDER` when the file is not in the folder a bare command reads."""
+    import shlex
+
+    folder = migration.path.parent
+    if folder.resolve() == default_dir().resolve():
+        return ""
+    return f" --dir {shlex.quote(str(folder))}"
 
 
 def refuse(problems: list[str]) -> MigrationError:

@@ -63,12 +63,13 @@ def _remember_json(ctx: typer.Context, value: bool) -> bool:
     return value
 
 
-JSON_OPTION = typer.Option(
-    False,
-    "--json",
-    help='Print JSON; a refusal prints {"error": {"message", "exitCode"}}.',
-    callback=_remember_json,
-)
+def json_option(
+    help: str = 'Print JSON; an error prints {"error": {"message", "exitCode"}}.',
+) -> Any:
+    return typer.Option(False, "--json", help=help, callback=_remember_json)
+
+
+JSON_OPTION = json_option()
 
 
 def session_id_argument(metavar: str = "ID") -> Any:

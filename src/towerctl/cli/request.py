@@ -15,10 +15,9 @@ from uuid import UUID
 
 import typer
 
-from towerctl.cli.params import session_id_argument
+from towerctl.cli.params import json_option, session_id_argument
 from towerctl.cli.progress import progress
 from towerctl.cli.session import (
-    JSON_OPTION,
     MACAROON_FILE_OPTION,
     MACAROON_OPTION,
     app,
@@ -103,7 +102,10 @@ def request(
     batch: bool = typer.Option(
         False, "--batch", help='Read NDJSON requests ({"message", "idempotencyKey"}) from stdin.'
     ),
-    as_json: bool = JSON_OPTION,
+    as_json: bool = json_option(
+        "Print the outcome as JSON: every recorded outcome (complete, rejected, failed), "
+        'whatever the exit code; an error that records nothing prints {"error": {...}}.'
+    ),
     macaroon: str | None = MACAROON_OPTION,
     macaroon_file: str | None = MACAROON_FILE_OPTION,
 ) -> None:
@@ -122,7 +124,7 @@ def request(
         max_reply_chars=limits.max_reply_chars,
     )
     reads_stdin = batch or message in (None, "-")
-    if reads_stdin and macaroon_file == "-":
+    if reads_stdin and "-" in (macaroon, macaroon_file):
         raise BadInput("stdin cannot carry both the macaroon and the request")
     if batch:
         if message is not None or idempotency_key is not None:
