@@ -427,4 +427,6 @@ def test_a_token_as_an_extra_argument_is_never_echoed(
     result = cli(*path, *_positionals(command, real_session.id), TOKEN)
     assert result.exit_code == ExitCode.BAD_INPUT, result.stderr
     assert TOKEN not in result.stdout + result.stderr
+    if any(isinstance(p, typer.core.TyperArgument) and p.nargs == -1 for p in command.params):
+        return  # `help WORDS...` takes any number of words: the token is one, unknown
     assert "unexpected extra argument" in result.stderr and "(<hidden>)" in result.stderr

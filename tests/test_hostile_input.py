@@ -275,3 +275,61 @@ def test_secrets_never_appear_in_output(
         assert ROOT_KEY_HEX[:16] not in text
         assert session.macaroon not in text
         assert signature not in text
+
+
+# --- numbers are ASCII digits; tokens are canonical -----------------------------------------
+
+OTHER_DIGITS = ["١٠٠", "१००", "１００", "1_000", " 100", "+100", "1e2"]
+
+
+@pytest.mark.parametrize("text", OTHER_DIGITS)
+def test_only_ascii_digits_are_amounts_and_counts(cli: CLI, text: str) -> None:
+    done = cli("session", "open", "--deposit", text)
+    assert done.exit_code == ExitCode.BAD_INPUT, text
+    assert "whole number" in done.stderr
+    assert cli("session", "list", "--limit", text).exit_code == ExitCode.BAD_INPUT
+
+
+@pytest.mark.parametrize("text", ["١٠", "1_0", "１０"])
+def test_only_ascii_digits_are_numbers_in_the_environment(
+    cli: CLI, monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    session = open_session(cli)
+    monkeypatch.setenv("TOWER_EVAL_FEE_SATS", text)
+    done = cli("session", "request", session.id, "hi", "--macaroon", session.macaroon)
+    assert done.exit_code == ExitCode.BAD_INPUT
+    assert "TOWER_EVAL_FEE_SATS" in done.stderr
+
+
+def test_an_expiry_written_in_other_digits_is_refused(cli: CLI) -> None:
+    from pymacaroons import Macaroon
+    from pymacaroons.macaroon import MACAROON_V2
+
+    session = open_session(cli)
+    m = Macaroon(
+        location="timmy-tower",
+        identifier="towerctl1 key=" + _key_id() + " nonce=" + "0" * 32,
+        key=bytes.fromhex(ROOT_KEY_HEX),
+        version=MACAROON_V2,
+    )
+    m.add_first_party_caveat(f"session = {session.id}")
+    m.add_first_party_caveat("scope = read")
+    m.add_first_party_caveat("expires = ٢٠٩٩-01-01T00:00:00Z")
+    token = m.serialize().rstrip("=")
+    done = cli("macaroon", "verify", token)
+    assert done.exit_code == ExitCode.UNAUTHORIZED
+
+
+def _key_id() -> str:
+    from towerctl.keys import key_id
+
+    return key_id(bytes.fromhex(ROOT_KEY_HEX))
+
+
+def test_a_padded_token_is_refused(cli: CLI) -> None:
+    session = open_session(cli)
+    padded = session.macaroon + "=" * (-len(session.macaroon) % 4 or 4)
+    assert cli("macaroon", "verify", session.macaroon).exit_code == ExitCode.OK
+    done = cli("macaroon", "verify", padded)
+    assert done.exit_code == ExitCode.UNAUTHORIZED
+    assert "padded" in done.stderr

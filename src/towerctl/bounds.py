@@ -12,6 +12,7 @@ The readers here stop reading at the bound: a stream of endless bytes
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import IO
 
@@ -164,6 +165,9 @@ def _shown(value: float, whole: bool) -> str:
     return f"{int(value):,}" if whole or value == int(value) else f"{value:g}"
 
 
+_ASCII_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def env_number(name: str, default: float, minimum: float, maximum: float, *, whole: bool) -> float:
     """The number in environment variable `name`, or `default` when it is unset or blank.
 
@@ -174,6 +178,8 @@ def env_number(name: str, default: float, minimum: float, maximum: float, *, who
         return default
     kind = "a whole number" if whole else "a number"
     allowed = f"{name} must be {kind} from {_shown(minimum, whole)} to {_shown(maximum, whole)}"
+    if not _ASCII_NUMBER.fullmatch(raw.strip()):  # float() takes other digits and 1_000 too
+        raise BadInput(f"{allowed}, got {raw[:40]!r}")
     try:
         value = float(raw[:64])
     except ValueError:

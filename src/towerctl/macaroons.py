@@ -35,7 +35,9 @@ SESSION_CAVEAT = re.compile(
     r"^session = ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\Z"
 )
 SCOPE_CAVEAT = re.compile(r"^scope = ((?:read|request)(?:,(?:read|request))*)\Z")
-EXPIRES_CAVEAT = re.compile(r"^expires = (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\Z")
+EXPIRES_CAVEAT = re.compile(
+    r"^expires = ([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z)\Z"
+)
 
 
 class TokenRefused(Exception):
@@ -88,9 +90,11 @@ def _decode(token: str) -> Any:
     from pymacaroons.macaroon import MACAROON_V2
 
     text = token.strip()
-    if not text or len(text) > 16_384 or not re.fullmatch(r"[A-Za-z0-9_\-]+=*", text):
+    if text.endswith("="):
+        raise TokenRefused("malformed macaroon (padded: tokens are unpadded base64url)")
+    if not text or len(text) > 16_384 or not re.fullmatch(r"[A-Za-z0-9_\-]+", text):
         raise TokenRefused("malformed macaroon")
-    bare = text.rstrip("=")
+    bare = text
     try:
         raw = base64.urlsafe_b64decode(bare + "=" * (-len(bare) % 4))
     except (binascii.Error, ValueError):

@@ -94,17 +94,42 @@ def session_id_option(flag: str, help: str) -> Any:
     )
 
 
+def whole_number(low: int, high: int) -> Any:
+    """A parser for a whole number from `low` to `high`, written in ASCII digits only
+    (Python's int() would take other scripts' digits and `1_000`; other tools would not)."""
+
+    def parse(value: Any) -> int:
+        if isinstance(value, int):
+            number = value
+        elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 20:
+            number = int(value)
+        else:
+            raise typer.BadParameter(f"must be a whole number from {low:,} to {high:,}")
+        if not low <= number <= high:
+            raise typer.BadParameter(f"must be a whole number from {low:,} to {high:,}")
+        return number
+
+    return parse
+
+
 def duration_option(default: str | None, flag: str, help: str) -> Any:
     return typer.Option(default, flag, metavar="DURATION", parser=duration, help=help)
 
 
 def sats_option(flag: str, help: str) -> Any:
-    return typer.Option(..., flag, min=1, max=MAX_SATS, help=f"{help} (1 to {MAX_SATS:,}).")
+    return typer.Option(
+        ..., flag, metavar="SATS", parser=whole_number(1, MAX_SATS),
+        help=f"{help} (1 to {MAX_SATS:,}).",
+    )  # fmt: skip
 
 
 def count_option(default: int | None, flag: str, most: int, help: str) -> Any:
-    return typer.Option(default, flag, min=1, max=most, help=help)
+    return typer.Option(
+        default, flag, metavar="N", parser=whole_number(1, most), help=f"{help} (1 to {most:,})"
+    )
 
 
 def message_id_option(flag: str, help: str) -> Any:
-    return typer.Option(None, flag, min=1, max=MAX_MESSAGE_ID, help=help)
+    return typer.Option(
+        None, flag, metavar="MSG_ID", parser=whole_number(1, MAX_MESSAGE_ID), help=help
+    )

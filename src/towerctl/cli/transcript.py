@@ -12,7 +12,13 @@ import typer
 
 from towerctl.cli.output import signals_raise, sigterm_raises
 from towerctl.cli.pager import paged
-from towerctl.cli.params import Role, count_option, message_id_option, session_id_argument
+from towerctl.cli.params import (
+    Role,
+    count_option,
+    json_option,
+    message_id_option,
+    session_id_argument,
+)
 from towerctl.cli.progress import progress
 from towerctl.cli.session import MACAROON_FILE_OPTION, MACAROON_OPTION, app, authorized_session
 from towerctl.cli.state import note, state
@@ -25,7 +31,7 @@ def messages(
     ctx: typer.Context,
     session_id: UUID = session_id_argument(),
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
-    as_json: bool = typer.Option(False, "--json", help="The same as --format json."),
+    as_json: bool = json_option("The same as --format json."),
     limit: int | None = count_option(
         None, "--limit", MAX_PAGE, "At most this many messages: the first of the selection."
     ),
