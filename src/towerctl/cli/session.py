@@ -16,6 +16,7 @@ from towerctl.cli.params import (
     session_id_argument,
 )
 from towerctl.cli.state import connect, print_json, read_connect
+from towerctl.session_ids import SessionRef
 
 if TYPE_CHECKING:
     from towerctl.db import Connection
@@ -63,7 +64,7 @@ def open_(
 @app.command("show")
 def show(
     ctx: typer.Context,
-    session_id: UUID = session_id_argument(),
+    session_id: SessionRef = session_id_argument(),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show one session: state, balance, expiry."""
@@ -96,7 +97,7 @@ def list_(
 @app.command("topup")
 def topup(
     ctx: typer.Context,
-    session_id: UUID = session_id_argument(),
+    session_id: SessionRef = session_id_argument(),
     sats: int = sats_option("--sats", "Sats to add"),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -122,7 +123,7 @@ MACAROON_FILE_OPTION = typer.Option(
 
 def authorized_session(
     ctx: typer.Context,
-    session_id: str | UUID,
+    session_id: str | UUID | SessionRef,
     token: str | None,
     token_file: str | None,
     scope: str,
@@ -130,8 +131,8 @@ def authorized_session(
     """(connection, session UUID) once the macaroon authorises `scope` on the session:
     the read replica's connection for `read` (when one is configured), else the primary's."""
     from towerctl.cli.state import read_token, store
-    from towerctl.units import parse_session_id
+    from towerctl.session_ids import parse
 
-    sid = session_id if isinstance(session_id, UUID) else parse_session_id(session_id)
+    sid = parse(session_id) if isinstance(session_id, str) else session_id
     grant = store(ctx).authorize(read_token(token, token_file), sid, scope)
     return grant.conn, grant.session_id
