@@ -189,3 +189,57 @@ def write_transcript_table(
     if rows or (count == 0 and header):
         console.print(table)
     return count
+
+
+# --- reports: small tables of values, for people (aligned text) and for sheets (CSV) ---
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"-?[0-9][0-9,]*")
+
+
+def _cell_text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return iso(value) or "-"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return for_terminal(str(value))
+
+
+def write_aligned(headers: list[str], rows: Iterable[list[Any]], out: TextOut) -> None:
+    """A header line and one line per row, columns aligned (numbers to the right);
+    text shown visibly (hidden characters escaped), so it is safe on a terminal."""
+    cells = [[_cell_text(v) for v in row] for row in rows]
+    columns = range(len(headers))
+    widths = [max([len(headers[i]), *(len(r[i]) for r in cells)]) for i in columns]
+    numeric = [
+        bool(cells) and all(_NUMBER.fullmatch(r[i]) or r[i] == "-" for r in cells) for i in columns
+    ]
+
+    def line(values: list[str]) -> str:
+        parts = [values[i].rjust(widths[i]) if numeric[i] else values[i].ljust(widths[i])
+                 for i in columns]  # fmt: skip
+        return "  ".join(parts).rstrip() + "\n"
+
+    out.write(line(headers))
+    for row in cells:
+        out.write(line(row))
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell: times in ISO 8601; text a spreadsheet would run as a formula gets a '."""
+    if isinstance(value, datetime):
+        return iso(value)
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def write_csv(headers: list[str], rows: Iterable[list[Any]], out: TextOut) -> None:
+    import csv
+
+    writer = csv.writer(cast(IO[str], out), lineterminator="\n")
+    writer.writerow(headers)
+    for row in rows:
+        writer.writerow([csv_cell(v) for v in row])

@@ -136,3 +136,7 @@ def authorized_session(
     sid = parse(session_id) if isinstance(session_id, str) else session_id
     grant = store(ctx).authorize(read_token(token, token_file), sid, scope)
     return grant.conn, grant.session_id
+
+
+# `session requests` and `session find` live in their own module; importing it registers them.
+from towerctl.cli import support as _support  # noqa: E402, F401
