@@ -243,3 +243,30 @@ def write_csv(headers: list[str], rows: Iterable[list[Any]], out: TextOut) -> No
     writer.writerow(headers)
     for row in rows:
         writer.writerow([csv_cell(v) for v in row])
+
+
+def write_bar_chart(bars: list[tuple[str, int]], out: TextOut, *, color: bool, width: int) -> None:
+    """One horizontal bar per (label, value), scaled to the largest (rich, for a terminal)."""
+    from rich import box
+    from rich.bar import Bar
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(
+        file=cast(IO[str], out),
+        width=width,
+        color_system="auto" if color else None,
+        no_color=not color,
+        highlight=False,
+        emoji=False,
+        markup=False,
+        force_terminal=color,
+    )
+    top = max((v for _, v in bars), default=0) or 1
+    table = Table(box=box.SIMPLE, show_header=False, pad_edge=False, expand=True)
+    table.add_column("period", no_wrap=True)
+    table.add_column("sats", justify="right", no_wrap=True)
+    table.add_column("bar", ratio=1)
+    for label, value in bars:
+        table.add_row(for_terminal(label), f"{value:,}", Bar(top, 0, value, color="green"))
+    console.print(table)

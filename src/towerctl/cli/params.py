@@ -9,7 +9,7 @@ Messages never quote the value itself: a misplaced token must not be echoed
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 from uuid import UUID
 
@@ -111,3 +111,19 @@ def count_option(default: int | None, flag: str, most: int, help: str) -> Any:
 
 def message_id_option(flag: str, help: str) -> Any:
     return typer.Option(None, flag, min=1, max=MAX_MESSAGE_ID, help=help)
+
+
+def moment_option(flag: str, help: str) -> Any:
+    """A point in time: an ISO time or a duration ago (`12h`, `1d`)."""
+
+    def moment(value: Any) -> datetime:
+        from towerctl.times import parse_moment
+
+        if isinstance(value, datetime):
+            return value
+        try:
+            return parse_moment(str(value), flag)
+        except BadInput as refused:
+            raise typer.BadParameter(refused.message) from None
+
+    return typer.Option(None, flag, metavar="TIME", parser=moment, help=help, show_default=False)
