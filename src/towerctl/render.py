@@ -270,3 +270,16 @@ def write_bar_chart(bars: list[tuple[str, int]], out: TextOut, *, color: bool, w
     for label, value in bars:
         table.add_row(for_terminal(label), f"{value:,}", Bar(top, 0, value, color="green"))
     console.print(table)
+
+
+def write_search_matches(matches: Iterable[Any], out: TextOut, *, color: bool) -> None:
+    """Each match: time, session, message id and role on one line, the snippet below,
+    its hidden characters shown visibly; the matched words bold (in colour) or «marked»."""
+    for m in matches:
+        out.write(f"{iso(m.created_at)}  {m.session_id}  #{m.message_id}  {m.role}\n    ")
+        for text, hit in m.parts():
+            shown = for_terminal(text)
+            if hit:
+                shown = f"\x1b[1;33m{shown}\x1b[0m" if color else f"«{shown}»"
+            out.write(shown)
+        out.write("\n")
