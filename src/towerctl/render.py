@@ -283,3 +283,13 @@ def write_search_matches(matches: Iterable[Any], out: TextOut, *, color: bool) -
                 shown = f"\x1b[1;33m{shown}\x1b[0m" if color else f"«{shown}»"
             out.write(shown)
         out.write("\n")
+
+
+def write_session_rows(sessions: Iterable[Any], out: TextOut, *, activity: bool) -> None:
+    """`session list` for people: a header, then one 85-column line per session."""
+    when = "LAST ACTIVITY" if activity else "CREATED"
+    out.write(f"{'ID':<36}  {'STATE':<16}  {'SATS':>11}  {when} (UTC)\n")
+    for s in sessions:
+        moment = s.last_activity_at if activity else s.created_at
+        shown = moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+        out.write(f"{s.id!s:<36}  {s.state:<16}  {s.balance_sats:>11,}  {shown}\n")
