@@ -191,3 +191,107 @@ def write_transcript_table(
     if rows or (count == 0 and header):
         console.print(table)
     return count
+
+
+# --- reports: small tables of values, for people (aligned text) and for sheets (CSV) ---
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"-?[0-9][0-9,]*")
+
+
+def _cell_text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return iso(value) or "-"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return for_terminal(str(value))
+
+
+def write_aligned(headers: list[str], rows: Iterable[list[Any]], out: TextOut) -> None:
+    """A header line and one line per row, columns aligned (numbers to the right);
+    text shown visibly (hidden characters escaped), so it is safe on a terminal."""
+    cells = [[_cell_text(v) for v in row] for row in rows]
+    columns = range(len(headers))
+    widths = [max([len(headers[i]), *(len(r[i]) for r in cells)]) for i in columns]
+    numeric = [
+        bool(cells) and all(_NUMBER.fullmatch(r[i]) or r[i] == "-" for r in cells) for i in columns
+    ]
+
+    def line(values: list[str]) -> str:
+        parts = [values[i].rjust(widths[i]) if numeric[i] else values[i].ljust(widths[i])
+                 for i in columns]  # fmt: skip
+        return "  ".join(parts).rstrip() + "\n"
+
+    out.write(line(headers))
+    for row in cells:
+        out.write(line(row))
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell: times in ISO 8601; text a spreadsheet would run as a formula gets a '."""
+    if isinstance(value, datetime):
+        return iso(value)
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def write_csv(headers: list[str], rows: Iterable[list[Any]], out: TextOut) -> None:
+    import csv
+
+    writer = csv.writer(cast(IO[str], out), lineterminator="\n")
+    writer.writerow(headers)
+    for row in rows:
+        writer.writerow([csv_cell(v) for v in row])
+
+
+def write_bar_chart(bars: list[tuple[str, int]], out: TextOut, *, color: bool, width: int) -> None:
+    """One horizontal bar per (label, value), scaled to the largest (rich, for a terminal)."""
+    from rich import box
+    from rich.bar import Bar
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(
+        file=cast(IO[str], out),
+        width=width,
+        color_system="auto" if color else None,
+        no_color=not color,
+        highlight=False,
+        emoji=False,
+        markup=False,
+        force_terminal=color,
+    )
+    top = max((v for _, v in bars), default=0) or 1
+    table = Table(box=box.SIMPLE, show_header=False, pad_edge=False, expand=True)
+    table.add_column("period", no_wrap=True)
+    table.add_column("sats", justify="right", no_wrap=True)
+    table.add_column("bar", ratio=1)
+    for label, value in bars:
+        table.add_row(for_terminal(label), f"{value:,}", Bar(top, 0, value, color="green"))
+    console.print(table)
+
+
+def write_search_matches(matches: Iterable[Any], out: TextOut, *, color: bool) -> None:
+    """Each match: time, session, message id and role on one line, the snippet below,
+    its hidden characters shown visibly; the matched words bold (in colour) or «marked»."""
+    for m in matches:
+        out.write(f"{iso(m.created_at)}  {m.session_id}  #{m.message_id}  {m.role}\n    ")
+        for text, hit in m.parts():
+            shown = for_terminal(text)
+            if hit:
+                shown = f"\x1b[1;33m{shown}\x1b[0m" if color else f"«{shown}»"
+            out.write(shown)
+        out.write("\n")
+
+
+def write_session_rows(sessions: Iterable[Any], out: TextOut, *, activity: bool) -> None:
+    """`session list` for people: a header, then one 85-column line per session."""
+    when = "LAST ACTIVITY" if activity else "CREATED"
+    out.write(f"{'ID':<36}  {'STATE':<16}  {'SATS':>11}  {when} (UTC)\n")
+    for s in sessions:
+        moment = s.last_activity_at if activity else s.created_at
+        shown = moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+        out.write(f"{s.id!s:<36}  {s.state:<16}  {s.balance_sats:>11,}  {shown}\n")

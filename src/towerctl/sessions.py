@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from towerctl.errors import BadInput, NotFound, NotServed
+from towerctl.session_ids import SessionRef, resolve
 
 if TYPE_CHECKING:
     import psycopg
@@ -88,8 +89,14 @@ def open_session(conn: psycopg.Connection, deposit_sats: int) -> Session:
     return _session(row)
 
 
-def get_session(conn: psycopg.Connection, session_id: UUID) -> Session:
+def resolve_id(conn: psycopg.Connection, ref: SessionRef | UUID) -> UUID:
+    """A session's whole id from a UUID or a unique prefix (exit 4 none, exit 2 several)."""
+    return resolve(conn, ref)
+
+
+def get_session(conn: psycopg.Connection, session_id: SessionRef | UUID) -> Session:
     """The session as it stands now (expired once its time has come), or NotFound."""
+    session_id = resolve(conn, session_id)
     row = conn.execute(SELECT_ONE, (session_id,)).fetchone()
     if row is None:
         raise NotFound(f"no session {session_id}")
@@ -108,8 +115,9 @@ def list_sessions(
     return [_session(r) for r in rows]
 
 
-def top_up(conn: psycopg.Connection, session_id: UUID, sats: int) -> Session:
+def top_up(conn: psycopg.Connection, session_id: SessionRef | UUID, sats: int) -> Session:
     """Add `sats`; a paused session becomes active. An expired session takes nothing."""
+    session_id = resolve(conn, session_id)
     row = conn.execute(TOP_UP, {"id": session_id, "sats": sats}).fetchone()
     if row is not None:
         return _session(row)

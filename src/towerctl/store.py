@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING
 from uuid import UUID
 
 from towerctl import bounds, config
-from towerctl.errors import DatabaseUnreachable
+from towerctl.errors import DatabaseUnreachable, Unauthorized
 
 if TYPE_CHECKING:
     import psycopg
 
     from towerctl.macaroons import TokenInfo
+    from towerctl.session_ids import SessionRef
 
 REPLICA_LAG = """
 SELECT pg_is_in_recovery(),
@@ -111,13 +112,19 @@ class Store:
 
     # --- grants ---------------------------------------------------------------
 
-    def authorize(self, token: str | None, session_id: UUID, scope: str) -> Grant:
+    def authorize(self, token: str | None, session_id: SessionRef | UUID, scope: str) -> Grant:
         """The grant for `scope` on one session (exit 3 when the token does not allow it;
-        exit 4 when there is no such session)."""
-        from towerctl import auth, keys, sessions
+        exit 4 when there is no such session). A prefix of the id is resolved against the
+        session the token names."""
+        from towerctl import auth, keys, session_ids, sessions
 
         conn = self.reader() if scope == "read" else self.primary()
         ring = keys.load_ring()
+        resolved = session_ids.resolve_for_token(session_id, token)
+        if resolved is None:  # the token's own check says why it is refused
+            auth.authorize(conn, ring, token, scope=scope)
+            raise Unauthorized("macaroon refused: it names no session")
+        session_id = resolved
         info = auth.authorize(conn, ring, token, session_id=str(session_id), scope=scope)
         sessions.get_session(conn, session_id)
         return Grant(conn, session_id, info)

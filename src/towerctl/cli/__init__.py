@@ -28,6 +28,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "session": ("towerctl.cli.session:app", "Sessions: balances, requests and transcripts."),
     "macaroon": ("towerctl.cli.macaroon:app", "Macaroons that authorise work on one session."),
     "doctor": ("towerctl.cli.doctor:doctor", "Check the store's invariants (ledger, messages)."),
+    "report": (
+        "towerctl.cli.report:report",
+        "Deposits, top-ups, debits and requests per hour or day (operator).",
+    ),
     "context": (
         "towerctl.cli.context:context",
         "Which database, home, migrations and root key are in use.",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 from datetime import UTC, datetime, timedelta
-from uuid import UUID
 
 import typer
 
@@ -18,6 +17,7 @@ from towerctl.cli.params import (
     session_id_option,
 )
 from towerctl.cli.state import connect, note, print_json, read_token
+from towerctl.session_ids import SessionRef
 
 app = typer.Typer(help="Macaroons that authorise work on one session.", no_args_is_help=True)
 
@@ -48,7 +48,7 @@ def _scopes(text: str) -> tuple[str, ...]:
 @app.command("mint")
 def mint(
     ctx: typer.Context,
-    session_id: UUID = session_id_argument("SESSION_ID"),
+    session_id: SessionRef = session_id_argument("SESSION_ID"),
     scope: str = typer.Option("read,request", "--scope", help="Comma-separated: read, request."),
     lifetime: timedelta = duration_option("24h", "--ttl", "Lifetime: 90s, 15m, 24h, 7d."),
 ) -> None:
@@ -109,15 +109,17 @@ def inspect(token: str = TOKEN, as_json: bool = JSON_OPTION) -> None:
 def verify(
     ctx: typer.Context,
     token: str = TOKEN,
-    session: UUID | None = session_id_option("--session", "Require this session."),
+    session: SessionRef | None = session_id_option("--session", "Require this session."),
     scope: str | None = typer.Option(None, "--scope", help="Require this scope."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Check a token: signature, caveats, expiry, revocation (exit 3 when it fails)."""
     from towerctl import auth, keys
     from towerctl.render import iso
+    from towerctl.sessions import resolve_id
 
-    sid = str(session) if session else None
+    conn = connect(ctx)
+    sid = str(resolve_id(conn, session)) if session else None
     required = None
     if scope is not None:
         wanted = _scopes(scope)
@@ -126,9 +128,7 @@ def verify(
 
             raise BadInput("--scope takes one scope to require: read or request")
         required = wanted[0]
-    info = auth.authorize(
-        connect(ctx), keys.load_ring(), _token(token), session_id=sid, scope=required
-    )
+    info = auth.authorize(conn, keys.load_ring(), _token(token), session_id=sid, scope=required)
     if as_json:
         print_json(
             {

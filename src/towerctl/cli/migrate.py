@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from towerctl.cli.params import JSON_OPTION
+from towerctl.cli.params import JSON_OPTION, whole_number
 from towerctl.cli.progress import progress
 from towerctl.cli.state import connect, note, print_json
 
@@ -24,6 +24,7 @@ DIR_OPTION = typer.Option(
     help="Folder of NNNN_name.sql files [env: TOWER_MIGRATIONS_DIR]. Default: the packaged ones.",
     show_default=False,
 )
+VERSION = whole_number(0, 2**63 - 1)  # ASCII digits within PostgreSQL's bigint
 LOCK_TIMEOUT_HELP = "Seconds to wait for another runner's lock (exit 7 after)."
 
 
@@ -85,7 +86,13 @@ def migrate(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Make every check, print the plan; change nothing."
     ),
-    to: int | None = typer.Option(None, "--to", help="Apply pending versions up to this one."),
+    to: int | None = typer.Option(
+        None,
+        "--to",
+        metavar="VERSION",
+        parser=VERSION,
+        help="Apply pending versions up to this one.",
+    ),
     allow_out_of_order: bool = typer.Option(
         False, "--allow-out-of-order", help="Apply pending files below the highest applied one."
     ),
@@ -211,7 +218,13 @@ def status(
 def baseline(
     ctx: typer.Context,
     directory: Path | None = DIR_OPTION,
-    to: int | None = typer.Option(None, "--to", help="Record versions up to this one as applied."),
+    to: int | None = typer.Option(
+        None,
+        "--to",
+        metavar="VERSION",
+        parser=VERSION,
+        help="Record versions up to this one as applied.",
+    ),
     lock_timeout: float | None = typer.Option(None, "--lock-timeout", help=LOCK_TIMEOUT_HELP),
 ) -> None:
     """Record versions <= --to as applied without running them (schema made another way)."""
@@ -275,7 +288,9 @@ def _new_file_directory(ctx: typer.Context, path: Path | None) -> Path:
 @app.command("repair")
 def repair(
     ctx: typer.Context,
-    version: int = typer.Argument(..., help="The applied version whose file was edited."),
+    version: int = typer.Argument(
+        ..., metavar="VERSION", parser=VERSION, help="The applied version whose file was edited."
+    ),
     directory: Path | None = DIR_OPTION,
     force: bool = typer.Option(
         False, "--force", help="Accept the new checksum even if the statements changed."

@@ -9,14 +9,15 @@ Messages never quote the value itself: a misplaced token must not be echoed
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 from uuid import UUID
 
 import typer
 
 from towerctl.errors import BadInput
-from towerctl.units import MAX_SATS, parse_duration, parse_session_id
+from towerctl.session_ids import SessionRef, parse
+from towerctl.units import MAX_SATS, parse_duration
 
 # The services' names (`sessions.STATES`, `transcripts.ROLES`) as types Typer parses;
 # tests/test_help.py checks that they stay the same.
@@ -26,14 +27,17 @@ Role = Literal["user", "assistant"]
 MAX_MESSAGE_ID = 2**63 - 1  # a bigint
 
 
-def session_id(value: Any) -> UUID:
-    """A session id (a UUID) from the command line."""
-    if isinstance(value, UUID):
+def session_id(value: Any) -> SessionRef:
+    """A session id from the command line: a UUID, or a unique prefix of 8+ hex digits
+    (resolved by the service once the command has its connection)."""
+    if isinstance(value, SessionRef):
         return value
+    if isinstance(value, UUID):
+        return SessionRef(value.hex, value)
     try:
-        return parse_session_id(str(value))
-    except BadInput:
-        raise typer.BadParameter("not a session id (a UUID)") from None
+        return parse(str(value))
+    except BadInput as refused:
+        raise typer.BadParameter(refused.message) from None
 
 
 def duration(value: Any) -> timedelta:
@@ -86,7 +90,7 @@ def session_id_option(flag: str, help: str) -> Any:
     return typer.Option(
         None,
         flag,
-        metavar="UUID",
+        metavar="ID",
         parser=session_id,
         autocompletion=recent_session_ids,
         help=help,
@@ -133,3 +137,19 @@ def message_id_option(flag: str, help: str) -> Any:
     return typer.Option(
         None, flag, metavar="MSG_ID", parser=whole_number(1, MAX_MESSAGE_ID), help=help
     )
+
+
+def moment_option(flag: str, help: str) -> Any:
+    """A point in time: an ISO time or a duration ago (`12h`, `1d`)."""
+
+    def moment(value: Any) -> datetime:
+        from towerctl.times import parse_moment
+
+        if isinstance(value, datetime):
+            return value
+        try:
+            return parse_moment(str(value), flag)
+        except BadInput as refused:
+            raise typer.BadParameter(refused.message) from None
+
+    return typer.Option(None, flag, metavar="TIME", parser=moment, help=help, show_default=False)

@@ -11,7 +11,6 @@ import sys
 import termios
 import time
 from typing import Any
-from uuid import UUID
 
 import typer
 
@@ -24,6 +23,7 @@ from towerctl.cli.session import (
     authorized_session,
 )
 from towerctl.cli.state import print_json, stdin_bytes
+from towerctl.session_ids import SessionRef
 
 
 def _reply_text(text: str) -> str:
@@ -86,7 +86,7 @@ def _emit_line(doc: dict[str, Any]) -> None:
 @app.command("request")
 def request(
     ctx: typer.Context,
-    session_id: UUID = session_id_argument(),
+    session_id: SessionRef = session_id_argument(),
     message: str | None = typer.Argument(
         None, metavar="[MESSAGE|-]", help="The message; - or nothing reads it from stdin."
     ),

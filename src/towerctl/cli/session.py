@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from datetime import datetime
+from typing import TYPE_CHECKING, Literal
 from uuid import UUID
 
 import typer
@@ -12,10 +13,13 @@ from towerctl.cli.params import (
     JSON_OPTION,
     SessionState,
     count_option,
+    moment_option,
     sats_option,
     session_id_argument,
+    session_id_option,
 )
 from towerctl.cli.state import connect, print_json, read_connect
+from towerctl.session_ids import SessionRef
 
 if TYPE_CHECKING:
     from towerctl.db import Connection
@@ -63,7 +67,7 @@ def open_(
 @app.command("show")
 def show(
     ctx: typer.Context,
-    session_id: UUID = session_id_argument(),
+    session_id: SessionRef = session_id_argument(),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show one session: state, balance, expiry."""
@@ -76,27 +80,38 @@ def show(
 def list_(
     ctx: typer.Context,
     state: SessionState | None = typer.Option(None, "--state", help="Only sessions in this state."),
+    since: datetime | None = moment_option("--since", "Created at or after: ISO or 12h, 1d ago."),
+    until: datetime | None = moment_option("--until", "Created before this time."),
+    sort: Literal["created", "activity"] = typer.Option(
+        "created", "--sort", help="Newest first by creation or by last activity."
+    ),
     limit: int = count_option(50, "--limit", 10_000, "At most this many (newest first)."),
+    after: SessionRef | None = session_id_option(
+        "--after", "The cursor a page before ended with (a session id)."
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """List sessions, newest first."""
-    from towerctl import sessions
-    from towerctl.render import iso
+    """List sessions, newest first; a page at a time (--after)."""
+    from towerctl import session_list
+    from towerctl.cli.state import note
+    from towerctl.render import write_session_rows
 
-    found = sessions.list_sessions(read_connect(ctx), state=state, limit=limit)
+    page = session_list.list_page(
+        read_connect(ctx), state=state, since=since, until=until, sort=sort, limit=limit,
+        after=after,
+    )  # fmt: skip
     if as_json:
-        print_json({"sessions": [s.as_json() for s in found]})
+        print_json(page.as_json())
         return
-    for s in found:
-        sys.stdout.write(
-            f"{s.id}  {s.state:<16} {s.balance_sats:>12} sats  expires {iso(s.expires_at)}\n"
-        )
+    write_session_rows(page.sessions, sys.stdout, activity=sort == "activity")
+    if page.next_cursor is not None:
+        note(f"more sessions follow: --after {page.next_cursor}")
 
 
 @app.command("topup")
 def topup(
     ctx: typer.Context,
-    session_id: UUID = session_id_argument(),
+    session_id: SessionRef = session_id_argument(),
     sats: int = sats_option("--sats", "Sats to add"),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -122,7 +137,7 @@ MACAROON_FILE_OPTION = typer.Option(
 
 def authorized_session(
     ctx: typer.Context,
-    session_id: str | UUID,
+    session_id: str | UUID | SessionRef,
     token: str | None,
     token_file: str | None,
     scope: str,
@@ -130,8 +145,12 @@ def authorized_session(
     """(connection, session UUID) once the macaroon authorises `scope` on the session:
     the read replica's connection for `read` (when one is configured), else the primary's."""
     from towerctl.cli.state import read_token, store
-    from towerctl.units import parse_session_id
+    from towerctl.session_ids import parse
 
-    sid = session_id if isinstance(session_id, UUID) else parse_session_id(session_id)
+    sid = parse(session_id) if isinstance(session_id, str) else session_id
     grant = store(ctx).authorize(read_token(token, token_file), sid, scope)
     return grant.conn, grant.session_id
+
+
+# `session requests` and `session find` live in their own module; importing it registers them.
+from towerctl.cli import support as _support  # noqa: E402, F401

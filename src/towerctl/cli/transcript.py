@@ -23,13 +23,14 @@ from towerctl.cli.progress import progress
 from towerctl.cli.session import MACAROON_FILE_OPTION, MACAROON_OPTION, app, authorized_session
 from towerctl.cli.state import note, state
 from towerctl.errors import BadInput
+from towerctl.session_ids import SessionRef
 from towerctl.transcripts import MAX_PAGE, Format, Selection
 
 
 @app.command("messages")
 def messages(
     ctx: typer.Context,
-    session_id: UUID = session_id_argument(),
+    session_id: SessionRef = session_id_argument(),
     fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
     as_json: bool = json_option("The same as --format json."),
     limit: int | None = count_option(
@@ -76,12 +77,16 @@ def messages(
     chosen = fmt = Format.json if as_json else fmt
     if limit is not None and last is not None:
         raise BadInput("--limit and --last cannot be used together")
-    selection = Selection(session_id, after=after, before=before, role=role, limit=limit, last=last)
+
+    def selection_of(sid: UUID) -> Selection:
+        return Selection(sid, after=after, before=before, role=role, limit=limit, last=last)
+
     if follow:
-        _follow(ctx, selection, fmt, output, macaroon, macaroon_file)
+        _follow(ctx, session_id, selection_of, fmt, output, macaroon, macaroon_file)
         return
     target = STDOUT if output is None else resolve_output(output)
-    conn, _ = authorized_session(ctx, session_id, macaroon, macaroon_file, "read")
+    conn, sid = authorized_session(ctx, session_id, macaroon, macaroon_file, "read")
+    selection = selection_of(sid)
     transcripts.check_selection(conn, selection)
     try:
         with signals_raise():
@@ -115,21 +120,28 @@ def messages(
 
 def _follow(
     ctx: typer.Context,
-    selection: Selection,
+    session_id: SessionRef,
+    selection_of: Callable[[UUID], Selection],
     fmt: Format,
     output: str | None,
     macaroon: str | None,
     macaroon_file: str | None,
 ) -> None:
     """`--follow`: on the primary (notifications and the writes in flight live there)."""
-    from towerctl import auth, export, follow, keys, sessions, transcripts
+    from towerctl import auth, export, follow, keys, session_ids, sessions, transcripts
     from towerctl.cli.output import binary_stdout
     from towerctl.cli.state import read_token, store
+    from towerctl.errors import Unauthorized
 
     if output not in (None, "-"):
         raise BadInput("--follow writes to standard output only (not -o FILE)")
-    follow.check_follow(selection, fmt)
+    follow.check_follow(selection_of(session_id.lower), fmt)  # paging flags only, not the id
     token = read_token(macaroon, macaroon_file)
+    sid = session_ids.resolve_for_token(session_id, token)
+    if sid is None:  # the token's own check says why it is refused
+        auth.authorize(store(ctx).primary(), keys.load_ring(), token, scope="read")
+        raise Unauthorized("macaroon refused: it names no session")
+    selection = selection_of(sid)
     access = follow.Access(keys.load_ring(), token, selection.session_id)
     conn = store(ctx).primary()
     auth.authorize(conn, access.ring, token, session_id=str(selection.session_id), scope="read")
@@ -173,7 +185,7 @@ def _terminal_width() -> int:
 @app.command("clear-history")
 def clear_history(
     ctx: typer.Context,
-    session_id: UUID = session_id_argument(),
+    session_id: SessionRef = session_id_argument(),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     macaroon: str | None = MACAROON_OPTION,
     macaroon_file: str | None = MACAROON_FILE_OPTION,
