@@ -128,7 +128,6 @@ TIMEOUTS_SINCE_17 = ("transaction_timeout",)
 
 def pin_settings(conn: psycopg.Connection) -> None:
     """Set the session settings towerctl depends on (one round trip)."""
-    import psycopg
     from psycopg import sql
 
     timeouts = TIMEOUTS + (TIMEOUTS_SINCE_17 if conn.info.server_version >= 170000 else ())
@@ -137,18 +136,36 @@ def pin_settings(conn: psycopg.Connection) -> None:
     query = sql.SQL("SELECT {}, CASE WHEN pg_backend_pid() = {} THEN concat({}) END").format(
         sql.SQL(", ").join(pinned), conn.info.backend_pid, sql.SQL(", ").join(direct)
     )
-    # The statement that turns statement_timeout off runs under it: a tiny imposed
-    # timeout can cancel it on a busy server. Nothing was set then; try again.
-    for attempt in range(PIN_ATTEMPTS):
-        try:
-            conn.execute(query)
-            return
-        except psycopg.errors.QueryCanceled:
-            if attempt == PIN_ATTEMPTS - 1:
-                raise
+    conn.execute(query)
 
 
+# The statement that turns the timeouts off runs under them: a tiny imposed
+# statement_timeout cancels it, a tiny transaction_timeout ends the connection, on a
+# busy server. Nothing was set then; connect and try again, a few times.
 PIN_ATTEMPTS = 5
+PIN_RETRIED = ("57014", "25P03", "25P04")  # query_canceled, idle-in-transaction, transaction
+
+
+def _pin_failed_by_a_timeout(error: BaseException) -> bool:
+    return getattr(error, "sqlstate", None) in PIN_RETRIED or "timeout" in str(error)
+
+
+def _open(url: str, application_name: str) -> psycopg.Connection:
+    import psycopg
+
+    return psycopg.connect(
+        url,
+        autocommit=True,
+        connect_timeout=10,
+        application_name=application_name,
+        # No server-side prepared statements: behind a transaction-pooling
+        # PgBouncer the next statement may land on a server connection that
+        # never saw the PREPARE (SPEC 13: no session-level features).
+        prepare_threshold=None,
+        # Sent at startup (a PgBouncer tracks it), so it wins over PGCLIENTENCODING,
+        # PGOPTIONS and ALTER ROLE/DATABASE SET: towerctl's text is UTF-8 end to end.
+        client_encoding="UTF8",
+    )
 
 
 def connect(url: str, *, application_name: str = "towerctl") -> psycopg.Connection:
@@ -170,24 +187,19 @@ def connect(url: str, *, application_name: str = "towerctl") -> psycopg.Connecti
             hint="check its syntax; special characters in a password must be percent-encoded",
         ) from None
     try:
-        conn = psycopg.connect(
-            url,
-            autocommit=True,
-            connect_timeout=10,
-            application_name=application_name,
-            # No server-side prepared statements: behind a transaction-pooling
-            # PgBouncer the next statement may land on a server connection that
-            # never saw the PREPARE (SPEC 13: no session-level features).
-            prepare_threshold=None,
-            # Sent at startup (a PgBouncer tracks it), so it wins over PGCLIENTENCODING,
-            # PGOPTIONS and ALTER ROLE/DATABASE SET: towerctl's text is UTF-8 end to end.
-            client_encoding="UTF8",
-        )
-        try:
-            pin_settings(conn)
-        except BaseException:
-            conn.close()
-            raise
+        conn = _open(url, application_name)
+        for attempt in range(PIN_ATTEMPTS):
+            try:
+                pin_settings(conn)
+                break
+            except psycopg.Error as error:
+                conn.close()
+                if attempt == PIN_ATTEMPTS - 1 or not _pin_failed_by_a_timeout(error):
+                    raise
+                conn = _open(url, application_name)
+            except BaseException:
+                conn.close()
+                raise
     except psycopg.Error as error:
         raise DatabaseUnreachable(
             f"cannot connect to the database at {describe(url)}: {first_line(error)}",
