@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import CLI
+from conftest import CLI, LocalUser
 from towerctl import embedded, migrations
 from towerctl.errors import ExitCode
 
@@ -165,3 +165,38 @@ def test_binaries_the_server_user_cannot_reach_are_copied_not_loosened(tmp_path:
         embedded.wheel_installation()
     )
     assert embedded.server_installation(source, user) == used  # made once
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("owner", ["same user", "another user"])
+def test_a_pid_file_naming_a_reused_pid_is_recovered_from(
+    cli: CLI, home: Path, owner: str, other_user: LocalUser
+) -> None:
+    """The server died; its pid now belongs to an unrelated live process. towerctl neither
+    trusts nor signals it: status says stopped, stop sends nothing, the next command starts
+    the server again."""
+    assert cli("migrate").exit_code == ExitCode.OK
+    pgdata = (home / "pgdata").resolve()
+    saved = (pgdata / "postmaster.pid").read_text()
+    assert cli("db", "stop").exit_code == ExitCode.OK
+    if owner == "same user":
+        bystander = subprocess.Popen(["sleep", "60"])
+    else:
+        bystander = subprocess.Popen(["sleep", "60"], user=other_user.uid, group=other_user.gid)
+    try:
+        lines = saved.splitlines()
+        lines[0] = str(bystander.pid)
+        (pgdata / "postmaster.pid").write_text("\n".join(lines) + "\n")
+        status = json.loads(cli("db", "status", "--json").stdout)
+        assert status["running"] is False
+        stopped = cli("db", "stop")
+        assert stopped.exit_code == ExitCode.OK and "not running" in stopped.stderr
+        assert bystander.poll() is None  # never signalled
+        (pgdata / "postmaster.pid").write_text("\n".join(lines) + "\n")
+        opened = cli("session", "open", "--deposit", "10", "--json")
+        assert opened.exit_code == ExitCode.OK, opened.stderr
+        assert json.loads(cli("db", "status", "--json").stdout)["pid"] != bystander.pid
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -101,9 +101,25 @@ def read_running(pgdata: Path) -> ServerInfo | None:
         status = lines[7].strip() if len(lines) > 7 else ""
     except (OSError, ValueError, IndexError):
         return None
-    if not socket_dir or not _alive(pid):
+    if not socket_dir or not _postmaster_of(pid, pgdata):
         return None
     return ServerInfo(pgdata, pid, Path(socket_dir), port, status)
+
+
+def _postmaster_of(pid: int, pgdata: Path) -> bool:
+    """Whether `pid` is the postmaster of `pgdata`, not any process that reuses the pid a
+    dead server left in its postmaster.pid: a postmaster works in its data folder, so its
+    working directory is that folder. Where /proc is missing, a live pid has to do."""
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except (FileNotFoundError, PermissionError):
+        return False  # gone, or another user's process (never our server's)
+    except OSError:
+        return _alive(pid)
+    try:
+        return os.path.samefile(cwd, pgdata)
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:
@@ -116,6 +132,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def remove_stale_pid_file(pgdata: Path) -> bool:
+    """Remove a postmaster.pid whose process is not the server of `pgdata` (it died and
+    its pid was reused): PostgreSQL would refuse to start beside it, and pg_ctl would
+    signal that unrelated process. True when one was removed."""
+    pid_file = pgdata / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    if _postmaster_of(pid, pgdata):
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        pid_file.unlink()
+    return True
+
+
 def ensure_running(home: Path) -> ServerInfo:
     """Start the embedded server if it is not running; return how to reach it."""
     config.ensure_home(home)
@@ -125,6 +157,7 @@ def ensure_running(home: Path) -> ServerInfo:
         _check_socket_private(info)
         return info
     with _start_lock(home):
+        remove_stale_pid_file(pgdata)
         info = _wait_while_starting(pgdata)
         if info is not None:
             _check_socket_private(info)
@@ -327,6 +360,7 @@ def stop(home: Path) -> bool:
     pgdata = pgdata_path(home)
     info = read_running(pgdata)
     if info is None:
+        remove_stale_pid_file(pgdata)  # pg_ctl would signal whatever process has that pid
         return False
     data = pgdata.resolve()
     owner = os.stat(data)
