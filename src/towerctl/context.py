@@ -10,7 +10,7 @@ from typing import Any
 
 from towerctl import config, embedded, keys
 from towerctl.errors import TowerError
-from towerctl.migration_files import default_dir
+from towerctl.migrations.files import default_dir
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from towerctl.errors import MigrationError
-from towerctl.migration_files import Migration
-from towerctl.migration_ledger import (
+from towerctl.migrations.files import Migration
+from towerctl.migrations.ledger import (
     DROP_LEASE,
     INSERT_LEDGER,
     INVALID_INDEXES,
@@ -28,7 +28,7 @@ from towerctl.migration_ledger import (
     take_lock,
     wait_for_lease,
 )
-from towerctl.migration_plan import Step
+from towerctl.migrations.plan import Step
 
 if TYPE_CHECKING:
     import psycopg

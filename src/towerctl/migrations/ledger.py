@@ -11,8 +11,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from towerctl.errors import BadInput, DatabaseUnreachable, MigrationError
-from towerctl.migration_files import Migration
-from towerctl.migration_plan import AppliedMigration
+from towerctl.migrations.files import Migration
+from towerctl.migrations.plan import AppliedMigration
 
 if TYPE_CHECKING:
     import psycopg

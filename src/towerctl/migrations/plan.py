@@ -11,10 +11,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from towerctl.errors import BadInput, MigrationError
-from towerctl.migration_files import Migration, check_file, check_version, tree_checksum
+from towerctl.migrations.files import Migration, check_file, check_version, tree_checksum
 
 if TYPE_CHECKING:
-    from towerctl.sqlsplit import ParsedScript, Statement
+    from towerctl.migrations.grammar import ParsedScript, Statement
 
 
 @dataclass(frozen=True)
