@@ -108,11 +108,13 @@ def request(
     macaroon_file: str | None = MACAROON_FILE_OPTION,
 ) -> None:
     """Run a request on a session: the reply on stdout; exit 0, 5 (rejected) or 6 (failed)."""
-    from towerctl import batch as batches
-    from towerctl import bounds, request_rules, session_requests
+    from towerctl import bounds
     from towerctl.agents import agent_from_spec
     from towerctl.config import Pricing, RequestLimits
     from towerctl.errors import AgentFailed, BadInput, NotServed
+    from towerctl.requests import batch as batches
+    from towerctl.requests import rules as request_rules
+    from towerctl.requests import serve as session_requests
 
     pricing, limits = Pricing.from_env(), RequestLimits.from_env()
     chosen = agent_from_spec(
