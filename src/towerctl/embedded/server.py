@@ -39,7 +39,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from towerctl import config
-from towerctl.embedded_account import (
+from towerctl.embedded.account import (
     MAX_SOCKET_PATH_BYTES,
     PORT,
     SERVER_DATA_ROOT,
