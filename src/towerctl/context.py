@@ -8,7 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from towerctl import config, embedded, keys
+from towerctl import config, embedded
+from towerctl.auth import keys
 from towerctl.errors import TowerError
 from towerctl.migrations.files import default_dir
 

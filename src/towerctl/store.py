@@ -31,7 +31,7 @@ from towerctl.errors import DatabaseUnreachable
 if TYPE_CHECKING:
     import psycopg
 
-    from towerctl.macaroons import TokenInfo
+    from towerctl.auth.macaroons import TokenInfo
 
 REPLICA_LAG = """
 SELECT pg_is_in_recovery(),
@@ -114,7 +114,8 @@ class Store:
     def authorize(self, token: str | None, session_id: UUID, scope: str) -> Grant:
         """The grant for `scope` on one session (exit 3 when the token does not allow it;
         exit 4 when there is no such session)."""
-        from towerctl import auth, keys, sessions
+        from towerctl import auth, sessions
+        from towerctl.auth import keys
 
         conn = self.reader() if scope == "read" else self.primary()
         ring = keys.load_ring()

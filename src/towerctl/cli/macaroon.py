@@ -36,7 +36,7 @@ def _token(value: str) -> str:
 
 
 def _scopes(text: str) -> tuple[str, ...]:
-    from towerctl import macaroons
+    from towerctl.auth import macaroons
     from towerctl.errors import BadInput
 
     try:
@@ -53,7 +53,8 @@ def mint(
     lifetime: timedelta = duration_option("24h", "--ttl", "Lifetime: 90s, 15m, 24h, 7d."),
 ) -> None:
     """Mint a macaroon for one session; prints the token alone."""
-    from towerctl import config, keys, macaroons, sessions
+    from towerctl import config, sessions
+    from towerctl.auth import keys, macaroons
 
     scopes = _scopes(scope)
     ring = keys.load_ring(create=True)
@@ -71,7 +72,7 @@ def mint(
 @app.command("inspect")
 def inspect(token: str = TOKEN, as_json: bool = JSON_OPTION) -> None:
     """Show what a token says (no key needed; the signature is never shown)."""
-    from towerctl import macaroons
+    from towerctl.auth import macaroons
     from towerctl.errors import Unauthorized
     from towerctl.render import write_key_values
 
@@ -113,7 +114,8 @@ def verify(
     scope: str | None = typer.Option(None, "--scope", help="Require this scope."),
 ) -> None:
     """Check a token: signature, caveats, expiry, revocation (exit 3 when it fails)."""
-    from towerctl import auth, keys
+    from towerctl import auth
+    from towerctl.auth import keys
     from towerctl.render import iso
 
     sid = str(session) if session else None
@@ -141,7 +143,7 @@ def attenuate(
     ttl: timedelta | None = duration_option(None, "--ttl", "Expire sooner: 90s, 15m, 24h, 7d."),
 ) -> None:
     """Add narrowing caveats (no root key needed); prints the new token alone."""
-    from towerctl import macaroons
+    from towerctl.auth import macaroons
     from towerctl.errors import BadInput, Unauthorized
 
     scopes = _scopes(scope) if scope else None
@@ -160,7 +162,8 @@ def attenuate(
 @app.command("revoke")
 def revoke(ctx: typer.Context, token: str = TOKEN) -> None:
     """Revoke a token, and every token attenuated from it, from now on."""
-    from towerctl import auth, keys
+    from towerctl import auth
+    from towerctl.auth import keys
 
     info = auth.revoke(connect(ctx), keys.load_ring(), _token(token))
     note(f"revoked macaroon {info.identifier!r} (session {info.session_id})")

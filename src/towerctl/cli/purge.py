@@ -32,7 +32,7 @@ def purge(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Delete the messages of sessions expired at least DURATION ago (requests and ledger stay)."""
-    from towerctl import purge as service
+    from towerctl.transcripts import purge as service
 
     conn = connect(ctx)
     if dry_run:

@@ -46,7 +46,8 @@ def open_(
     """Open an active session holding DEPOSIT sats; print its id and a read,request macaroon."""
     from datetime import UTC, datetime, timedelta
 
-    from towerctl import config, keys, macaroons, sessions
+    from towerctl import config, sessions
+    from towerctl.auth import keys, macaroons
 
     ring = keys.load_ring(create=True)
     session = sessions.open_session(connect(ctx), deposit)

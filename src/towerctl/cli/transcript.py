@@ -60,9 +60,10 @@ def messages(
     macaroon_file: str | None = MACAROON_FILE_OPTION,
 ) -> None:
     """Print or export a session's messages in order (needs a macaroon with scope read)."""
-    from towerctl import export, transcripts
+    from towerctl import transcripts
     from towerctl.cli.outfile import STDOUT, atomic_file, resolve_output
     from towerctl.cli.output import Terminated, binary_stdout
+    from towerctl.transcripts import export
 
     chosen = fmt
     if limit is not None and last is not None:
@@ -113,9 +114,11 @@ def _follow(
     macaroon_file: str | None,
 ) -> None:
     """`--follow`: on the primary (notifications and the writes in flight live there)."""
-    from towerctl import auth, export, follow, keys, sessions, transcripts
+    from towerctl import auth, sessions, transcripts
+    from towerctl.auth import keys
     from towerctl.cli.output import binary_stdout
     from towerctl.cli.state import read_token, store
+    from towerctl.transcripts import export, follow
 
     if output not in (None, "-"):
         raise BadInput("--follow writes to standard output only (not -o FILE)")
@@ -172,7 +175,7 @@ def clear_history(
     """Delete a session's messages (not its requests or ledger), recording when and by whom."""
     from towerctl.cli.state import read_token, store
     from towerctl.config import RequestLimits
-    from towerctl.history import clear_history as clear
+    from towerctl.transcripts.history import clear_history as clear
 
     grant = store(ctx).authorize(read_token(macaroon, macaroon_file), session_id, "request")
     conn, sid, info = grant.conn, grant.session_id, grant.token
