@@ -25,7 +25,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-from towerctl import bounds, config
+from towerctl import auth, bounds, config, db, embedded, sessions
+from towerctl.auth import keys
 from towerctl.errors import DatabaseUnreachable
 
 if TYPE_CHECKING:
@@ -75,14 +76,11 @@ class Store:
         url = config.database_url(self.database_url)
         if url:
             return url
-        from towerctl import embedded
 
         return embedded.ensure_running(config.home()).url
 
     def primary(self) -> psycopg.Connection:
         if self._primary is None:
-            from towerctl import db
-
             self._primary = db.connect(self.url())
         return self._primary
 
@@ -92,8 +90,6 @@ class Store:
         if not url:
             return self.primary()
         if self._reader is None:
-            from towerctl import db
-
             conn = db.connect(url, application_name="towerctl-read")
             try:
                 _check_replica(conn, db.describe(url))
@@ -114,8 +110,6 @@ class Store:
     def authorize(self, token: str | None, session_id: UUID, scope: str) -> Grant:
         """The grant for `scope` on one session (exit 3 when the token does not allow it;
         exit 4 when there is no such session)."""
-        from towerctl import auth, sessions
-        from towerctl.auth import keys
 
         conn = self.reader() if scope == "read" else self.primary()
         ring = keys.load_ring()

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from towerctl.db import first_line
 from towerctl.errors import MigrationError
 from towerctl.migrations.files import Migration
 from towerctl.migrations.ledger import (
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 def _failure(conn: psycopg.Connection, step: Step, current: int, error: Exception) -> Exception:
     """The error to raise for a failed statement: the connection's own loss passes through
     (exit 8); anything else names the file and the line (exit 7)."""
-    from towerctl.db import first_line
 
     if conn.broken or conn.closed:
         return error

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from towerctl.errors import BadInput, DatabaseUnreachable, MigrationError
 from towerctl.migrations.files import Migration
 from towerctl.migrations.plan import AppliedMigration
+from towerctl.render import iso
 
 if TYPE_CHECKING:
     import psycopg
@@ -140,8 +141,6 @@ def _lock_holder(conn: psycopg.Connection) -> str | None:
 
 
 def _clock(moment: datetime | None) -> str:
-    from towerctl.render import iso
-
     return iso(moment) or "-"
 
 
