@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 from uuid import UUID
 
 import typer
 
+from towerctl import config, sessions
+from towerctl.auth import keys, macaroons
 from towerctl.cli.params import (
     JSON_OPTION,
     SessionState,
@@ -15,7 +18,9 @@ from towerctl.cli.params import (
     sats_option,
     session_id_argument,
 )
-from towerctl.cli.state import connect, print_json, read_connect
+from towerctl.cli.state import connect, print_json, read_connect, read_token, store
+from towerctl.render import iso, write_key_values
+from towerctl.units import parse_session_id
 
 if TYPE_CHECKING:
     from towerctl.db import Connection
@@ -28,8 +33,6 @@ __all__ = ["JSON_OPTION", "app", "authorized_session"]
 
 
 def _show(session: Session, as_json: bool, extra: dict[str, str] | None = None) -> None:
-    from towerctl.render import write_key_values
-
     doc = session.as_json() | (extra or {})
     if as_json:
         print_json(doc)
@@ -44,10 +47,6 @@ def open_(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Open an active session holding DEPOSIT sats; print its id and a read,request macaroon."""
-    from datetime import UTC, datetime, timedelta
-
-    from towerctl import config, sessions
-    from towerctl.auth import keys, macaroons
 
     ring = keys.load_ring(create=True)
     session = sessions.open_session(connect(ctx), deposit)
@@ -68,7 +67,6 @@ def show(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show one session: state, balance, expiry."""
-    from towerctl import sessions
 
     _show(sessions.get_session(read_connect(ctx), session_id), as_json)
 
@@ -81,8 +79,6 @@ def list_(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """List sessions, newest first."""
-    from towerctl import sessions
-    from towerctl.render import iso
 
     found = sessions.list_sessions(read_connect(ctx), state=state, limit=limit)
     if as_json:
@@ -102,7 +98,6 @@ def topup(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Add sats to a session; a paused session becomes active. Expired sessions take nothing."""
-    from towerctl import sessions
 
     _show(sessions.top_up(connect(ctx), session_id, sats), as_json)
 
@@ -130,8 +125,6 @@ def authorized_session(
 ) -> tuple[Connection, UUID]:
     """(connection, session UUID) once the macaroon authorises `scope` on the session:
     the read replica's connection for `read` (when one is configured), else the primary's."""
-    from towerctl.cli.state import read_token, store
-    from towerctl.units import parse_session_id
 
     sid = session_id if isinstance(session_id, UUID) else parse_session_id(session_id)
     grant = store(ctx).authorize(read_token(token, token_file), sid, scope)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -10,14 +11,19 @@ from uuid import UUID
 
 import typer
 
-from towerctl.cli.output import signals_raise, sigterm_raises
+from towerctl import auth, sessions, transcripts
+from towerctl.auth import keys
+from towerctl.cli.outfile import STDOUT, atomic_file, resolve_output
+from towerctl.cli.output import Terminated, binary_stdout, signals_raise, sigterm_raises
 from towerctl.cli.pager import paged
 from towerctl.cli.params import Role, count_option, message_id_option, session_id_argument
 from towerctl.cli.progress import progress
 from towerctl.cli.session import MACAROON_FILE_OPTION, MACAROON_OPTION, app, authorized_session
-from towerctl.cli.state import note, state
+from towerctl.cli.state import note, read_token, state, store
+from towerctl.config import RequestLimits
 from towerctl.errors import BadInput
-from towerctl.transcripts import MAX_PAGE, Format, Selection
+from towerctl.transcripts import MAX_PAGE, Format, Selection, export, follow
+from towerctl.transcripts.history import clear_history as clear
 
 
 @app.command("messages")
@@ -60,10 +66,6 @@ def messages(
     macaroon_file: str | None = MACAROON_FILE_OPTION,
 ) -> None:
     """Print or export a session's messages in order (needs a macaroon with scope read)."""
-    from towerctl import transcripts
-    from towerctl.cli.outfile import STDOUT, atomic_file, resolve_output
-    from towerctl.cli.output import Terminated, binary_stdout
-    from towerctl.transcripts import export
 
     chosen = fmt
     if limit is not None and last is not None:
@@ -114,11 +116,6 @@ def _follow(
     macaroon_file: str | None,
 ) -> None:
     """`--follow`: on the primary (notifications and the writes in flight live there)."""
-    from towerctl import auth, sessions, transcripts
-    from towerctl.auth import keys
-    from towerctl.cli.output import binary_stdout
-    from towerctl.cli.state import read_token, store
-    from towerctl.transcripts import export, follow
 
     if output not in (None, "-"):
         raise BadInput("--follow writes to standard output only (not -o FILE)")
@@ -159,8 +156,6 @@ def _progress_bar() -> Iterator[Callable[[int, int], None] | None]:
 
 
 def _terminal_width() -> int:
-    import shutil
-
     return max(shutil.get_terminal_size((100, 24)).columns, 60)
 
 
@@ -173,9 +168,6 @@ def clear_history(
     macaroon_file: str | None = MACAROON_FILE_OPTION,
 ) -> None:
     """Delete a session's messages (not its requests or ledger), recording when and by whom."""
-    from towerctl.cli.state import read_token, store
-    from towerctl.config import RequestLimits
-    from towerctl.transcripts.history import clear_history as clear
 
     grant = store(ctx).authorize(read_token(macaroon, macaroon_file), session_id, "request")
     conn, sid, info = grant.conn, grant.session_id, grant.token
