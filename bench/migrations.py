@@ -16,7 +16,7 @@ from common import (
 )
 from harness import BenchBase
 
-from towerctl.migration_files import NO_TRANSACTION_MARK
+from towerctl.migrations.files import NO_TRANSACTION_MARK
 
 
 class MigrationWorkloads(BenchBase):

@@ -16,8 +16,8 @@ from common import (
 )
 from harness import BenchBase
 
-from towerctl import request_rules
 from towerctl.config import Pricing
+from towerctl.requests import rules as request_rules
 
 
 class RequestWorkloads(BenchBase):

@@ -321,7 +321,7 @@ def test_an_expiry_written_in_other_digits_is_refused(cli: CLI) -> None:
 
 
 def _key_id() -> str:
-    from towerctl.keys import key_id
+    from towerctl.auth.keys import key_id
 
     return key_id(bytes.fromhex(ROOT_KEY_HEX))
 

@@ -35,9 +35,9 @@ from uuid import UUID, uuid4
 import pytest
 
 from conftest import CLI, ROOT_KEY_HEX
-from towerctl import macaroons
+from towerctl.auth import macaroons
+from towerctl.auth.keys import KeyRing, key_id
 from towerctl.errors import ExitCode
-from towerctl.keys import KeyRing, key_id
 
 KEY = bytes.fromhex(ROOT_KEY_HEX)
 OTHER_KEY = bytes.fromhex("b2" * 32)

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from pymacaroons import Macaroon
 
 from conftest import CLI, ROOT_KEY_HEX, OpenedSession, open_session
-from towerctl import macaroons
+from towerctl.auth import macaroons
+from towerctl.auth.keys import KeyRing
 from towerctl.errors import ExitCode
-from towerctl.keys import KeyRing
 
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import CLI, direct
-from towerctl import sqlsplit
 from towerctl.errors import ExitCode
+from towerctl.migrations import grammar
 
 # Each fragment is one statement; `{c}` marks where a comment or whitespace goes.
 FRAGMENTS = [
@@ -77,7 +77,7 @@ def test_statements_match_what_the_server_runs(empty_db_url: str, script: str) -
         cur.execute(script)  # no parameters: one simple query, split by the server
         server = results(cur)
         whole.execute("ROLLBACK")
-    ours = sqlsplit.parse_script(script)
+    ours = grammar.parse_script(script)
     split: list[tuple[str, Any]] = []
     with psycopg.connect(empty_db_url, autocommit=True) as single, single.cursor() as cur:
         for statement in ours:
@@ -85,23 +85,23 @@ def test_statements_match_what_the_server_runs(empty_db_url: str, script: str) -
             split.extend(results(cur))
         single.execute("ROLLBACK")
     assert split == server, script
-    control = [i for i, s in enumerate(ours) if sqlsplit.is_transaction_control(s)]
+    control = [i for i, s in enumerate(ours) if grammar.is_transaction_control(s)]
     assert control == [i for i, (tag, _) in enumerate(server) if tag in CONTROL_TAGS], script
 
 
 def test_lines_are_those_of_the_first_token() -> None:
     script = "-- lead\n/* x\n */ SELECT 'é;'\n;\n\n  CREATE TABLE t (\n id int);\nSELECT 2"
-    got = [(s.line, s.kind) for s in sqlsplit.parse_script(script)]
+    got = [(s.line, s.kind) for s in grammar.parse_script(script)]
     assert got == [(3, "SelectStmt"), (6, "CreateStmt"), (8, "SelectStmt")]
 
 
 def test_cosmetic_edits_keep_the_parse_tree() -> None:
-    a = sqlsplit.parse_tree("CREATE TABLE t (id int); -- hi\nselect 1;")
-    b = sqlsplit.parse_tree("/* new */ create   table T (\n  ID INT\n);\nSELECT 1")
+    a = grammar.parse_tree("CREATE TABLE t (id int); -- hi\nselect 1;")
+    b = grammar.parse_tree("/* new */ create   table T (\n  ID INT\n);\nSELECT 1")
     assert a == b
-    assert a != sqlsplit.parse_tree("CREATE TABLE t (id bigint); SELECT 1;")
-    assert a != sqlsplit.parse_tree('CREATE TABLE "T" (id int); SELECT 1;')
-    assert a != sqlsplit.parse_tree("CREATE TABLE t (id int); SELECT 2;")
+    assert a != grammar.parse_tree("CREATE TABLE t (id bigint); SELECT 1;")
+    assert a != grammar.parse_tree('CREATE TABLE "T" (id int); SELECT 1;')
+    assert a != grammar.parse_tree("CREATE TABLE t (id int); SELECT 2;")
 
 
 # --- files, as the operator meets them ------------------------------------------
@@ -265,7 +265,7 @@ def recorded_tree_checksum(script: str) -> str:
 
 def test_tree_checksum_is_the_one_ledgers_already_hold() -> None:
     """`repair` compares with tree checksums recorded by earlier towerctl: same digest."""
-    from towerctl.migration_files import default_dir
+    from towerctl.migrations.files import default_dir
 
     bodies = [p.read_text() for p in sorted(default_dir().glob("*.sql"))]
     bodies += [f.replace("{c}", "/* c */") + ";" for f in FRAGMENTS]
@@ -277,13 +277,13 @@ def test_tree_checksum_is_the_one_ledgers_already_hold() -> None:
     ]
     assert len(bodies) > 20
     for body in bodies:
-        assert sqlsplit.tree_checksum(body) == recorded_tree_checksum(body), body
+        assert grammar.tree_checksum(body) == recorded_tree_checksum(body), body
 
 
 @settings(max_examples=200, deadline=None)
 @given(script=scripts())
 def test_tree_checksum_matches_the_recorded_one_on_hostile_sql(script: str) -> None:
-    assert sqlsplit.tree_checksum(script) == recorded_tree_checksum(script), script
+    assert grammar.tree_checksum(script) == recorded_tree_checksum(script), script
 
 
 @pytest.mark.timeout(120)

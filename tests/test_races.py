@@ -1,6 +1,6 @@
 """Races between real processes on one session: one request in flight, money stays exact.
 
-The request guard is a lease on the session row (towerctl.lease). These tests
+The request guard is a lease on the session row (towerctl.requests.lease). These tests
 drive real `towerctl` processes with slow exec agents that record when they start
 and end, on a direct connection and through a real PgBouncer in transaction mode,
 and synchronise on observed events (an agent's start file, a waiter seen in
@@ -29,7 +29,7 @@ from conftest import CLI, OpenedSession, assert_store_consistent, open_session
 from conftest import direct as unpooled
 from towerctl.config import Pricing
 from towerctl.errors import ExitCode
-from towerctl.request_rules import cost_sats
+from towerctl.requests.rules import cost_sats
 
 PROCESSES = 4
 REQUESTS_EACH = 3

@@ -19,7 +19,7 @@ from agents_fixtures import exec_agent, openai_server
 from conftest import CLI, OpenedSession, assert_store_consistent, direct, open_session
 from towerctl.config import Pricing, RequestLimits
 from towerctl.errors import ExitCode
-from towerctl.request_rules import context_window, cost_sats, tokens
+from towerctl.requests.rules import context_window, cost_sats, tokens
 
 OUTCOME_KEYS = {
     "requestId", "sessionId", "state", "result", "reason", "errorMessage",

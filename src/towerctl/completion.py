@@ -6,7 +6,7 @@ most about a second, and answers nothing rather than an error.
 
 from __future__ import annotations
 
-from towerctl import config
+from towerctl import config, embedded
 
 MAX_CANDIDATES = 50
 SESSION_IDS = """
@@ -37,7 +37,5 @@ def session_ids(prefix: str, database_url: str | None = None) -> list[str]:
 
 
 def _running_embedded_url() -> str | None:
-    from towerctl import embedded
-
     info = embedded.read_running(embedded.pgdata_path(config.home()))
     return info.url if info is not None and info.status == "ready" else None

@@ -7,6 +7,8 @@ import os
 import sys
 from typing import TextIO
 
+from towerctl import __version__
+
 
 def main() -> None:
     # Started with stdout or stderr closed (`>&-`, `2>&-`): Python gives no stream at all,
@@ -29,8 +31,6 @@ def main() -> None:
 
 def version() -> int:
     """Print the version: exit 0, or 10 when stdout cannot take it (a reader gone: 0)."""
-    from towerctl import __version__
-
     try:
         sys.stdout.write(f"towerctl {__version__}\n")
         sys.stdout.flush()

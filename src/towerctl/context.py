@@ -8,9 +8,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from towerctl import config, embedded, keys
+from towerctl import config, embedded
+from towerctl.auth import keys
+from towerctl.db import safe_url
 from towerctl.errors import TowerError
-from towerctl.migration_files import default_dir
+from towerctl.migrations.files import default_dir
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,6 @@ class Context:
 
 def configured_database(flag: str | None) -> Setting | None:
     """The database another setting names (never the embedded one), or None."""
-    from towerctl.db import safe_url
 
     if flag:
         return Setting(safe_url(flag), "--database-url")
@@ -54,8 +55,6 @@ def configured_database(flag: str | None) -> Setting | None:
 
 
 def current(database_flag: str | None, read_flag: str | None) -> Context:
-    from towerctl.db import safe_url
-
     home = config.home()
     database = configured_database(database_flag)
     if database is None:

@@ -6,8 +6,10 @@ where atomicity is needed, so nothing idles in a transaction.
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import TYPE_CHECKING
+from urllib.parse import quote, urlencode
 
 from towerctl.errors import DatabaseUnreachable, MigrationError, TowerError
 
@@ -33,7 +35,6 @@ def describe(url: str) -> str:
 
 def safe_url(url: str) -> str:
     """The URL (or libpq string) as a URL without its password, safe to print."""
-    from urllib.parse import quote, urlencode
 
     from psycopg.conninfo import conninfo_to_dict
 
@@ -170,7 +171,6 @@ def _open(url: str, application_name: str) -> psycopg.Connection:
 
 def connect(url: str, *, application_name: str = "towerctl") -> psycopg.Connection:
     """Open an autocommit connection, or raise `DatabaseUnreachable` (exit 8)."""
-    import logging
 
     import psycopg
     from psycopg.conninfo import conninfo_to_dict

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from towerctl import migrations
+from towerctl.db import first_line
 
 if TYPE_CHECKING:
     import psycopg
@@ -128,7 +129,6 @@ def _run_check(conn: psycopg.Connection, name: str, summary: str, sql: str) -> C
     except psycopg.Error as error:
         if conn.broken or conn.closed:
             raise  # the server went away: exit 8, not an inconsistency
-        from towerctl.db import first_line
 
         return Check(name, False, f"not run: {first_line(error)}", ran=False)
     if not rows:

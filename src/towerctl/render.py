@@ -56,7 +56,7 @@ def write_key_values(rows: Mapping[str, Any], out: IO[str]) -> None:
 
 # --- transcripts -------------------------------------------------------------------
 #
-# The machine formats come from PostgreSQL's COPY (see `towerctl.export`); the people
+# The machine formats come from PostgreSQL's COPY (see `towerctl.transcripts.export`); the people
 # formats are rendered here from `transcripts.Message` values.
 
 TABLE_CELL_CHARS = 2_000  # content shown per table cell; the rest is one --format away

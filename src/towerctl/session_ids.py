@@ -98,7 +98,7 @@ def resolve_for_token(ref: SessionRef | UUID, token: str | None) -> UUID | None:
         return ref
     if ref.full is not None:
         return ref.full
-    from towerctl import macaroons
+    from towerctl.auth import macaroons
 
     try:
         named = macaroons.inspect(token).session_id if token else None

@@ -25,13 +25,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-from towerctl import bounds, config
+from towerctl import auth, bounds, config, db, embedded, sessions
+from towerctl.auth import keys
 from towerctl.errors import DatabaseUnreachable, Unauthorized
 
 if TYPE_CHECKING:
     import psycopg
 
-    from towerctl.macaroons import TokenInfo
+    from towerctl.auth.macaroons import TokenInfo
     from towerctl.session_ids import SessionRef
 
 REPLICA_LAG = """
@@ -76,14 +77,11 @@ class Store:
         url = config.database_url(self.database_url)
         if url:
             return url
-        from towerctl import embedded
 
         return embedded.ensure_running(config.home()).url
 
     def primary(self) -> psycopg.Connection:
         if self._primary is None:
-            from towerctl import db
-
             self._primary = db.connect(self.url())
         return self._primary
 
@@ -93,8 +91,6 @@ class Store:
         if not url:
             return self.primary()
         if self._reader is None:
-            from towerctl import db
-
             conn = db.connect(url, application_name="towerctl-read")
             try:
                 _check_replica(conn, db.describe(url))
@@ -116,7 +112,7 @@ class Store:
         """The grant for `scope` on one session (exit 3 when the token does not allow it;
         exit 4 when there is no such session). A prefix of the id is resolved against the
         session the token names."""
-        from towerctl import auth, keys, session_ids, sessions
+        from towerctl import session_ids
 
         conn = self.reader() if scope == "read" else self.primary()
         ring = keys.load_ring()

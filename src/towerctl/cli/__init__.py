@@ -6,6 +6,8 @@ import contextlib
 import importlib
 import os
 import sys
+import traceback
+from difflib import get_close_matches
 from typing import Any
 
 import typer
@@ -14,10 +16,14 @@ import typer.main
 
 from towerctl import __version__
 from towerctl.cli import typer_adapter
+from towerctl.cli.examples import add_examples
 from towerctl.cli.output import PipeGuard, StdoutClosed
 from towerctl.cli.state import ARGV, CURRENT, State, hide_tokens
 from towerctl.cli.typer_adapter import Command, Context, HelpFormatter
-from towerctl.errors import ExitCode, TowerError, WriteFailed
+from towerctl.db import classify
+from towerctl.errors import ExitCode, TowerError, WriteFailed, unopenable_path
+from towerctl.render import json_text
+from towerctl.sanitize import for_diagnostic
 
 # name -> (module:attribute, one-line summary). The module is imported when the
 # command runs (through `typer.core.TyperGroup.get_command`), so `--version` and a command's
@@ -63,7 +69,6 @@ def _load(target: str, name: str) -> Command:
     assert isinstance(group, typer.core.TyperGroup)
     command = group.commands[name]
     _full_summaries(command)
-    from towerctl.cli.examples import add_examples  # only once a sub-command is loaded
 
     add_examples(command, (name,))
     return command
@@ -101,8 +106,6 @@ class LazyGroup(typer.core.TyperGroup):
         name = args[0] if args else ""
         known = self.list_commands(ctx)
         if name and name[0] != "-" and not ctx.resilient_parsing and name not in known:
-            from difflib import get_close_matches
-
             hint = ""
             if match := get_close_matches(name, known, n=1):
                 hint = f" Did you mean {match[0]!r}?"
@@ -177,15 +180,12 @@ def _fail(message: str, code: int, *, json_wanted: bool = False) -> int:
     With --json, when the command has printed nothing yet, the failure is also a
     JSON document on stdout, so a script reading stdout always gets one.
     """
-    from towerctl.sanitize import for_diagnostic
 
     line = for_diagnostic(message)
     sys.stderr.write(f"towerctl: {line}\n")
     wanted = json_wanted or (bool(CURRENT) and CURRENT[0].json_output)
     stdout = sys.stdout
     if wanted and not getattr(stdout, "written", True):
-        from towerctl.render import json_text
-
         doc = {"error": {"message": line, "exitCode": int(code)}}
         with contextlib.suppress(OSError, StdoutClosed, WriteFailed):
             stdout.write(json_text(doc) + "\n")
@@ -220,8 +220,6 @@ def _complete(instruction: str) -> int:
 
 def _classify(error: BaseException) -> TowerError | None:
     """A failure the contract names, or None (`db.classify` decides for the database)."""
-    from towerctl.db import classify
-    from towerctl.errors import unopenable_path
 
     return classify(error) or unopenable_path(error)
 
@@ -299,8 +297,6 @@ def run(argv: list[str] | None = None) -> int:
         if known is not None:
             return _fail(str(known), int(known.exit_code))
         if show_traceback:
-            import traceback
-
             traceback.print_exc()
         return _fail(
             f"internal error: {type(error).__name__} (a bug; rerun with --traceback for details)",

@@ -6,6 +6,10 @@ import sys
 from typing import Literal
 
 import typer
+import typer.main
+
+from towerctl.cli import COMPLETE_VAR, app
+from towerctl.cli.typer_adapter import completion_script
 
 Shell = Literal["bash", "zsh", "fish"]
 
@@ -23,10 +27,6 @@ def completion(
       zsh:  towerctl completion zsh > "${fpath[1]}/_towerctl"
       fish: towerctl completion fish > ~/.config/fish/completions/towerctl.fish
     """
-    import typer.main
-
-    from towerctl.cli import COMPLETE_VAR, app
-    from towerctl.cli.typer_adapter import completion_script
 
     script = completion_script(typer.main.get_command(app), shell, "towerctl", COMPLETE_VAR)
     sys.stdout.write(script if script.endswith("\n") else script + "\n")

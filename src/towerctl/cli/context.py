@@ -6,14 +6,14 @@ import sys
 
 import typer
 
+from towerctl import context as facts
 from towerctl.cli.params import JSON_OPTION
 from towerctl.cli.state import print_json, state
+from towerctl.sanitize import one_line
 
 
 def context(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     """Say which database (no password), home, migrations and root key a command would use."""
-    from towerctl import context as facts
-    from towerctl.sanitize import one_line
 
     shared = state(ctx)
     found = facts.current(shared.database_url, shared.read_database_url)

@@ -6,8 +6,11 @@ import sys
 
 import typer
 
+from towerctl import config, embedded
 from towerctl.cli.params import JSON_OPTION
 from towerctl.cli.state import note, print_json, state
+from towerctl.context import configured_database
+from towerctl.errors import BadInput
 
 app = typer.Typer(
     help="The embedded PostgreSQL server (the default database).", no_args_is_help=True
@@ -20,9 +23,6 @@ def url(ctx: typer.Context) -> None:
 
     Refused (exit 2, nothing started) when another database is configured.
     """
-    from towerctl import config, embedded
-    from towerctl.context import configured_database
-    from towerctl.errors import BadInput
 
     other = configured_database(state(ctx).database_url)
     if other is not None:
@@ -38,8 +38,6 @@ def url(ctx: typer.Context) -> None:
 def status(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     """Report whether the embedded server is running, and where its data and socket live
     (and when commands use another, configured database instead)."""
-    from towerctl import config, embedded
-    from towerctl.context import configured_database
 
     other = configured_database(state(ctx).database_url)
 
@@ -73,7 +71,6 @@ def status(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
 @app.command("stop")
 def stop() -> None:
     """Stop the embedded server (fast shutdown); the next command starts it again."""
-    from towerctl import config, embedded
 
     if embedded.stop(config.home()):
         note("embedded server stopped")

@@ -9,6 +9,8 @@ import typer
 
 from towerctl.cli.params import JSON_OPTION
 from towerctl.cli.state import ARGV, hide_tokens, print_json, read_connect
+from towerctl.doctor import run_checks
+from towerctl.errors import DatabaseUnreachable, Inconsistent
 
 
 def doctor(
@@ -28,8 +30,6 @@ def doctor(
 
     Every check only reads, so with --read-database-url they run on the replica.
     """
-    from towerctl.doctor import run_checks
-    from towerctl.errors import DatabaseUnreachable, Inconsistent
 
     # Every check only reads: on the read replica when one is configured.
     checks = run_checks(read_connect(ctx), directory)

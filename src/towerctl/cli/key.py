@@ -6,6 +6,7 @@ import sys
 
 import typer
 
+from towerctl.auth import keys
 from towerctl.cli.params import JSON_OPTION
 from towerctl.cli.state import note, print_json
 
@@ -16,7 +17,6 @@ app = typer.Typer(help="The root key that mints macaroons: show its id, rotate i
 @app.command("show")
 def show(as_json: bool = JSON_OPTION) -> None:
     """Print the current root key's id (never the key) and where it comes from."""
-    from towerctl import keys
 
     kid = keys.current_key_id()
     old = [keys.key_id(k) for k in keys.old_keys()]
@@ -31,7 +31,6 @@ def show(as_json: bool = JSON_OPTION) -> None:
 @app.command("rotate")
 def rotate(as_json: bool = JSON_OPTION) -> None:
     """Make a new current key in TOWER_HOME; the old one keeps verifying its tokens."""
-    from towerctl import keys
 
     old, new = keys.rotate()
     if as_json:

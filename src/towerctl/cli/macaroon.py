@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 
 import typer
 
+from towerctl import auth, config, sessions
+from towerctl.auth import keys, macaroons
 from towerctl.cli.params import (
     JSON_OPTION,
     duration_option,
@@ -17,7 +19,11 @@ from towerctl.cli.params import (
     session_id_option,
 )
 from towerctl.cli.state import connect, note, print_json, read_token
+from towerctl.errors import BadInput, Unauthorized
+from towerctl.render import iso, write_key_values
+from towerctl.sanitize import one_line
 from towerctl.session_ids import SessionRef
+from towerctl.sessions import resolve_id
 
 app = typer.Typer(help="Macaroons that authorise work on one session.", no_args_is_help=True)
 
@@ -27,7 +33,6 @@ TOKEN = typer.Argument(..., metavar="TOKEN", help="The macaroon, or - to read it
 def _token(value: str) -> str:
     """The TOKEN argument, or stdin for `-`. Never the environment: an empty argument
     (say, an unset shell variable) must not act on TOWER_MACAROON's token."""
-    from towerctl.errors import Unauthorized
 
     token = (read_token("-") or "") if value == "-" else value.strip()
     if not token:
@@ -36,9 +41,6 @@ def _token(value: str) -> str:
 
 
 def _scopes(text: str) -> tuple[str, ...]:
-    from towerctl import macaroons
-    from towerctl.errors import BadInput
-
     try:
         return macaroons.normalise_scopes(text.split(","))
     except ValueError as error:
@@ -53,7 +55,6 @@ def mint(
     lifetime: timedelta = duration_option("24h", "--ttl", "Lifetime: 90s, 15m, 24h, 7d."),
 ) -> None:
     """Mint a macaroon for one session; prints the token alone."""
-    from towerctl import config, keys, macaroons, sessions
 
     scopes = _scopes(scope)
     ring = keys.load_ring(create=True)
@@ -71,9 +72,6 @@ def mint(
 @app.command("inspect")
 def inspect(token: str = TOKEN, as_json: bool = JSON_OPTION) -> None:
     """Show what a token says (no key needed; the signature is never shown)."""
-    from towerctl import macaroons
-    from towerctl.errors import Unauthorized
-    from towerctl.render import write_key_values
 
     try:
         info = macaroons.inspect(_token(token))
@@ -92,7 +90,6 @@ def inspect(token: str = TOKEN, as_json: bool = JSON_OPTION) -> None:
         print_json(doc)
         return
     # A token of unknown origin: every field it carries is shown visibly, one line each.
-    from towerctl.sanitize import one_line
 
     shown = doc | {
         "location": one_line(info.location),
@@ -114,9 +111,6 @@ def verify(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Check a token: signature, caveats, expiry, revocation (exit 3 when it fails)."""
-    from towerctl import auth, keys
-    from towerctl.render import iso
-    from towerctl.sessions import resolve_id
 
     conn = connect(ctx)
     sid = str(resolve_id(conn, session)) if session else None
@@ -124,8 +118,6 @@ def verify(
     if scope is not None:
         wanted = _scopes(scope)
         if len(wanted) != 1:
-            from towerctl.errors import BadInput
-
             raise BadInput("--scope takes one scope to require: read or request")
         required = wanted[0]
     info = auth.authorize(conn, keys.load_ring(), _token(token), session_id=sid, scope=required)
@@ -153,8 +145,6 @@ def attenuate(
     ttl: timedelta | None = duration_option(None, "--ttl", "Expire sooner: 90s, 15m, 24h, 7d."),
 ) -> None:
     """Add narrowing caveats (no root key needed); prints the new token alone."""
-    from towerctl import macaroons
-    from towerctl.errors import BadInput, Unauthorized
 
     scopes = _scopes(scope) if scope else None
     expires = datetime.now(UTC) + ttl if ttl else None
@@ -172,7 +162,6 @@ def attenuate(
 @app.command("revoke")
 def revoke(ctx: typer.Context, token: str = TOKEN) -> None:
     """Revoke a token, and every token attenuated from it, from now on."""
-    from towerctl import auth, keys
 
     info = auth.revoke(connect(ctx), keys.load_ring(), _token(token))
     note(f"revoked macaroon {info.identifier!r} (session {info.session_id})")

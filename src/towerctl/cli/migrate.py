@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,9 +10,14 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from towerctl import migrations
 from towerctl.cli.params import JSON_OPTION, whole_number
 from towerctl.cli.progress import progress
 from towerctl.cli.state import connect, note, print_json
+from towerctl.errors import BadInput, MigrationError
+from towerctl.migrations import default_dir
+from towerctl.render import iso
+from towerctl.sanitize import for_terminal
 
 if TYPE_CHECKING:
     from towerctl.migrations import Migration
@@ -47,8 +53,6 @@ def _group(ctx: typer.Context) -> GroupOptions:
 
 
 def _directory(ctx: typer.Context, path: Path | None) -> Path:
-    from towerctl.migrations import default_dir
-
     if path is not None:
         return path
     given = _group(ctx).directory
@@ -63,8 +67,6 @@ def _lock_timeout(ctx: typer.Context, value: float | None) -> float:
 
 
 def _refuse_group_options(ctx: typer.Context, command: str, *, to_applies: bool = False) -> None:
-    from towerctl.errors import BadInput
-
     group = _group(ctx)
     given = [
         flag
@@ -106,7 +108,6 @@ def migrate(
     )
     if ctx.invoked_subcommand is not None:
         return
-    from towerctl import migrations
 
     folder = _directory(ctx, directory)
     wait = lock_timeout if lock_timeout is not None else 60.0
@@ -155,9 +156,6 @@ def status(
     ),
 ) -> None:
     """Show every migration and whether it is applied, pending, changed, missing or duplicate."""
-    from towerctl import migrations
-    from towerctl.errors import MigrationError
-    from towerctl.render import iso
 
     _refuse_group_options(ctx, "status")
     files = migrations.discover(_directory(ctx, directory))
@@ -186,8 +184,6 @@ def status(
             }
         )
     else:
-        from towerctl.sanitize import for_terminal
-
         sys.stdout.write(f"{'VERSION':>7}  {'STATE':<9} {'APPLIED AT':<25} NAME\n")
         for s in states:
             applied = iso(s.applied_at) or "-"
@@ -228,8 +224,6 @@ def baseline(
     lock_timeout: float | None = typer.Option(None, "--lock-timeout", help=LOCK_TIMEOUT_HELP),
 ) -> None:
     """Record versions <= --to as applied without running them (schema made another way)."""
-    from towerctl import migrations
-    from towerctl.errors import BadInput
 
     _refuse_group_options(ctx, "baseline", to_applies=True)
     target = to if to is not None else _group(ctx).to
@@ -255,7 +249,6 @@ def new(
 ) -> None:
     """Write the next numbered, empty migration file into --dir, TOWER_MIGRATIONS_DIR or
     ./migrations (never the installed package) and print its path."""
-    from towerctl import migrations
 
     _refuse_group_options(ctx, "new")
     path = migrations.new_file(_new_file_directory(ctx, directory), name)
@@ -265,9 +258,6 @@ def new(
 def _new_file_directory(ctx: typer.Context, path: Path | None) -> Path:
     """Where `migrate new` writes: --dir, TOWER_MIGRATIONS_DIR, or ./migrations (as dbmate
     does); never the packaged migrations, which `migrate` applies by default."""
-    import os
-
-    from towerctl.errors import BadInput
 
     given = path or _group(ctx).directory
     if given is not None:
@@ -299,8 +289,6 @@ def repair(
     lock_timeout: float | None = typer.Option(None, "--lock-timeout", help=LOCK_TIMEOUT_HELP),
 ) -> None:
     """Accept an applied file's new checksum when the change is cosmetic (or with --force)."""
-    from towerctl import migrations
-    from towerctl.errors import BadInput
 
     _refuse_group_options(ctx, "repair")
     migrations.check_version(version, "version")

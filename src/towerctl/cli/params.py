@@ -15,6 +15,8 @@ from uuid import UUID
 
 import typer
 
+from towerctl.cli.state import state
+from towerctl.completion import session_ids
 from towerctl.errors import BadInput
 from towerctl.session_ids import SessionRef, parse
 from towerctl.units import MAX_SATS, parse_duration
@@ -52,7 +54,6 @@ def duration(value: Any) -> timedelta:
 
 def recent_session_ids(ctx: typer.Context, incomplete: str) -> list[str]:
     """Recent session ids from the store, when one is at hand (never starts a server)."""
-    from towerctl.completion import session_ids
 
     url = ctx.find_root().params.get("database_url")
     return session_ids(incomplete, url)
@@ -61,8 +62,6 @@ def recent_session_ids(ctx: typer.Context, incomplete: str) -> list[str]:
 def _remember_json(ctx: typer.Context, value: bool) -> bool:
     """With --json, a refusal is a JSON document on stdout too (`cli.run` writes it)."""
     if value:
-        from towerctl.cli.state import state
-
         state(ctx).json_output = True
     return value
 

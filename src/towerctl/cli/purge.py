@@ -15,6 +15,7 @@ from towerctl.cli.progress import progress
 from towerctl.cli.session import app
 from towerctl.cli.state import connect, note, print_json
 from towerctl.errors import BadInput
+from towerctl.transcripts import purge as service
 
 
 @app.command("purge")
@@ -33,7 +34,6 @@ def purge(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Delete the messages of sessions expired at least DURATION ago (requests and ledger stay)."""
-    from towerctl import purge as service
 
     conn = connect(ctx)
     if dry_run:

@@ -14,6 +14,9 @@ from typing import Any
 
 import typer
 
+from towerctl import bounds
+from towerctl.agents import agent_from_spec
+from towerctl.cli.output import StdoutClosed
 from towerctl.cli.params import json_option, session_id_argument
 from towerctl.cli.progress import progress
 from towerctl.cli.session import (
@@ -23,13 +26,19 @@ from towerctl.cli.session import (
     authorized_session,
 )
 from towerctl.cli.state import print_json, stdin_bytes
+from towerctl.config import Pricing, RequestLimits
+from towerctl.errors import AgentFailed, BadInput, NotServed, WriteFailed
+from towerctl.render import json_text
+from towerctl.requests import batch as batches
+from towerctl.requests import rules as request_rules
+from towerctl.requests import serve as session_requests
+from towerctl.sanitize import escape_json_text, for_terminal
 from towerctl.session_ids import SessionRef
 
 
 def _reply_text(text: str) -> str:
     """The reply as printed: exact on a pipe or file (it is data); on a terminal every
     hidden character (escape sequences, C1, bidi overrides…) is shown visibly."""
-    from towerctl.sanitize import for_terminal
 
     return for_terminal(text) if sys.stdout.isatty() else text
 
@@ -69,10 +78,6 @@ def _unread_bytes(fd: int) -> int:
 
 def _emit_line(doc: dict[str, Any]) -> None:
     """One NDJSON outcome on stdout, flushed; a failed write is WriteFailed."""
-    from towerctl.cli.output import StdoutClosed
-    from towerctl.errors import WriteFailed
-    from towerctl.render import json_text
-    from towerctl.sanitize import escape_json_text
 
     try:
         sys.stdout.write(escape_json_text(json_text(doc, compact=True)) + "\n")
@@ -110,11 +115,6 @@ def request(
     macaroon_file: str | None = MACAROON_FILE_OPTION,
 ) -> None:
     """Run a request on a session: the reply on stdout; exit 0, 5 (rejected) or 6 (failed)."""
-    from towerctl import batch as batches
-    from towerctl import bounds, request_rules, session_requests
-    from towerctl.agents import agent_from_spec
-    from towerctl.config import Pricing, RequestLimits
-    from towerctl.errors import AgentFailed, BadInput, NotServed
 
     pricing, limits = Pricing.from_env(), RequestLimits.from_env()
     chosen = agent_from_spec(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Literal
 from uuid import UUID
 
 import typer
 
+from towerctl import config, sessions
+from towerctl.auth import keys, macaroons
 from towerctl.cli.params import (
     JSON_OPTION,
     SessionState,
@@ -18,7 +20,8 @@ from towerctl.cli.params import (
     session_id_argument,
     session_id_option,
 )
-from towerctl.cli.state import connect, print_json, read_connect
+from towerctl.cli.state import connect, note, print_json, read_connect, read_token, store
+from towerctl.render import write_key_values, write_session_rows
 from towerctl.session_ids import SessionRef
 
 if TYPE_CHECKING:
@@ -32,8 +35,6 @@ __all__ = ["JSON_OPTION", "app", "authorized_session"]
 
 
 def _show(session: Session, as_json: bool, extra: dict[str, str] | None = None) -> None:
-    from towerctl.render import write_key_values
-
     doc = session.as_json() | (extra or {})
     if as_json:
         print_json(doc)
@@ -48,9 +49,6 @@ def open_(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Open an active session holding DEPOSIT sats; print its id and a read,request macaroon."""
-    from datetime import UTC, datetime, timedelta
-
-    from towerctl import config, keys, macaroons, sessions
 
     ring = keys.load_ring(create=True)
     session = sessions.open_session(connect(ctx), deposit)
@@ -71,7 +69,6 @@ def show(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show one session: state, balance, expiry."""
-    from towerctl import sessions
 
     _show(sessions.get_session(read_connect(ctx), session_id), as_json)
 
@@ -93,8 +90,6 @@ def list_(
 ) -> None:
     """List sessions, newest first; a page at a time (--after)."""
     from towerctl import session_list
-    from towerctl.cli.state import note
-    from towerctl.render import write_session_rows
 
     page = session_list.list_page(
         read_connect(ctx), state=state, since=since, until=until, sort=sort, limit=limit,
@@ -116,7 +111,6 @@ def topup(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Add sats to a session; a paused session becomes active. Expired sessions take nothing."""
-    from towerctl import sessions
 
     _show(sessions.top_up(connect(ctx), session_id, sats), as_json)
 
@@ -144,7 +138,6 @@ def authorized_session(
 ) -> tuple[Connection, UUID]:
     """(connection, session UUID) once the macaroon authorises `scope` on the session:
     the read replica's connection for `read` (when one is configured), else the primary's."""
-    from towerctl.cli.state import read_token, store
     from towerctl.session_ids import parse
 
     sid = parse(session_id) if isinstance(session_id, str) else session_id

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -9,9 +11,14 @@ from typing import IO, TYPE_CHECKING, Any
 
 import typer
 
+from towerctl import bounds
+from towerctl.errors import BadInput
+from towerctl.render import json_text
+from towerctl.sanitize import escape_json_text
+from towerctl.store import Store
+
 if TYPE_CHECKING:
     from towerctl.db import Connection
-    from towerctl.store import Store
 
 TOKEN_LIKE_CHARS = 32  # shorter text is never a usable macaroon (real ones are 100+)
 
@@ -52,8 +59,6 @@ def store(ctx: typer.Context) -> Store:
     """The command's way to the database (one per invocation, closed when it ends)."""
     shared = state(ctx)
     if shared.store is None:
-        from towerctl.store import Store
-
         shared.store = Store(shared.database_url, shared.read_database_url)
         ctx.find_root().call_on_close(shared.store.close)
     return shared.store
@@ -71,8 +76,6 @@ def read_connect(ctx: typer.Context) -> Connection:
 
 def print_json(value: Any) -> None:
     """A JSON document on stdout; hidden characters of outside text escaped (SPEC 11)."""
-    from towerctl.render import json_text
-    from towerctl.sanitize import escape_json_text
 
     sys.stdout.write(escape_json_text(json_text(value)) + "\n")
 
@@ -84,8 +87,6 @@ def note(message: str) -> None:
 
 def _token_text(raw: bytes, source: str) -> str:
     """The first line of what a token source held, within the token bound."""
-    from towerctl import bounds
-    from towerctl.errors import BadInput
 
     limit = bounds.TOKEN_BYTES.whole_value()
     line = raw.split(b"\n", 1)[0]
@@ -98,15 +99,12 @@ def _token_text(raw: bytes, source: str) -> str:
 
 
 def _read_token_line(stream: IO[bytes], source: str) -> str:
-    from towerctl import bounds
-
     # One line, at most the bound plus its newline: an endless stream is never read further.
     return _token_text(stream.readline(bounds.TOKEN_BYTES.whole_value() + 2), source)
 
 
 def stdin_bytes() -> IO[bytes]:
     """Standard input as bytes (a text stream put in its place, as in tests, is encoded)."""
-    import io
 
     buffer = getattr(sys.stdin, "buffer", None)
     if buffer is not None:
@@ -121,7 +119,6 @@ def read_token(token: str | None, token_file: str | None = None) -> str | None:
     A TOKEN argument of `-` also reads stdin, so tokens stay out of `ps` and shell history.
     Every source is bounded (`bounds.TOKEN_BYTES`): past it, exit 2.
     """
-    import os
 
     if token == "-" or (not token and token_file == "-"):
         return _read_token_line(stdin_bytes(), "stdin")
@@ -137,8 +134,6 @@ def read_token(token: str | None, token_file: str | None = None) -> str | None:
 
 
 def _token_file(name: str, source: str) -> str:
-    from towerctl.errors import BadInput
-
     try:
         with open(name, "rb") as handle:
             return _read_token_line(handle, source)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -10,7 +11,10 @@ from uuid import UUID
 
 import typer
 
-from towerctl.cli.output import signals_raise, sigterm_raises
+from towerctl import auth, sessions, transcripts
+from towerctl.auth import keys
+from towerctl.cli.outfile import STDOUT, atomic_file, resolve_output
+from towerctl.cli.output import Terminated, binary_stdout, signals_raise, sigterm_raises
 from towerctl.cli.pager import paged
 from towerctl.cli.params import (
     Role,
@@ -21,10 +25,12 @@ from towerctl.cli.params import (
 )
 from towerctl.cli.progress import progress
 from towerctl.cli.session import MACAROON_FILE_OPTION, MACAROON_OPTION, app, authorized_session
-from towerctl.cli.state import note, state
+from towerctl.cli.state import note, read_token, state, store
+from towerctl.config import RequestLimits
 from towerctl.errors import BadInput
 from towerctl.session_ids import SessionRef
-from towerctl.transcripts import MAX_PAGE, Format, Selection
+from towerctl.transcripts import MAX_PAGE, Format, Selection, export, follow
+from towerctl.transcripts.history import clear_history as clear
 
 
 @app.command("messages")
@@ -68,9 +74,6 @@ def messages(
     macaroon_file: str | None = MACAROON_FILE_OPTION,
 ) -> None:
     """Print or export a session's messages in order (needs a macaroon with scope read)."""
-    from towerctl import export, transcripts
-    from towerctl.cli.outfile import STDOUT, atomic_file, resolve_output
-    from towerctl.cli.output import Terminated, binary_stdout
 
     if as_json and fmt not in (Format.table, Format.json):
         raise BadInput(f"--json and --format {fmt.value} cannot be used together")
@@ -128,9 +131,7 @@ def _follow(
     macaroon_file: str | None,
 ) -> None:
     """`--follow`: on the primary (notifications and the writes in flight live there)."""
-    from towerctl import auth, export, follow, keys, session_ids, sessions, transcripts
-    from towerctl.cli.output import binary_stdout
-    from towerctl.cli.state import read_token, store
+    from towerctl import session_ids
     from towerctl.errors import Unauthorized
 
     if output not in (None, "-"):
@@ -177,8 +178,6 @@ def _progress_bar() -> Iterator[Callable[[int, int], None] | None]:
 
 
 def _terminal_width() -> int:
-    import shutil
-
     return max(shutil.get_terminal_size((100, 24)).columns, 60)
 
 
@@ -191,9 +190,6 @@ def clear_history(
     macaroon_file: str | None = MACAROON_FILE_OPTION,
 ) -> None:
     """Delete a session's messages (not its requests or ledger), recording when and by whom."""
-    from towerctl.cli.state import read_token, store
-    from towerctl.config import RequestLimits
-    from towerctl.history import clear_history as clear
 
     grant = store(ctx).authorize(read_token(macaroon, macaroon_file), session_id, "request")
     conn, sid, info = grant.conn, grant.session_id, grant.token

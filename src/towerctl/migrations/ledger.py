@@ -11,8 +11,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from towerctl.errors import BadInput, DatabaseUnreachable, MigrationError
-from towerctl.migration_files import Migration
-from towerctl.migration_plan import AppliedMigration
+from towerctl.migrations.files import Migration
+from towerctl.migrations.plan import AppliedMigration
+from towerctl.render import iso
 
 if TYPE_CHECKING:
     import psycopg
@@ -140,8 +141,6 @@ def _lock_holder(conn: psycopg.Connection) -> str | None:
 
 
 def _clock(moment: datetime | None) -> str:
-    from towerctl.render import iso
-
     return iso(moment) or "-"
 
 

@@ -4,7 +4,7 @@ Machine formats (json, ndjson, csv) are produced by PostgreSQL itself through
 `COPY (SELECT ...) TO STDOUT` (`copy_query`), so a million-message export streams
 at close to COPY's own speed in constant memory. The people formats (table,
 markdown) read rows through a server-side (named) cursor (`rows_query`). Running
-the queries, and closing what they open, is `towerctl.export`'s job.
+the queries, and closing what they open, is `towerctl.transcripts.export`'s job.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from towerctl.errors import BadInput, MigrationError
 
 if TYPE_CHECKING:
-    from towerctl.sqlsplit import ParsedScript, Statement
+    from towerctl.migrations.grammar import ParsedScript, Statement
 
 FILE_NAME = re.compile(r"^([0-9]+)_([A-Za-z0-9][A-Za-z0-9_.\-]*)\.sql$", re.ASCII | re.IGNORECASE)
 MIGRATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", re.ASCII)
@@ -45,9 +45,9 @@ def checksum(data: bytes) -> str:
 
 def tree_checksum(sql: str) -> str:
     """SHA-256 of the file's parse tree without locations: unchanged by cosmetic edits."""
-    from towerctl import sqlsplit  # pglast: only when a file is parsed
+    from towerctl.migrations import grammar  # pglast: only when a file is parsed
 
-    return sqlsplit.tree_checksum(sql.removeprefix(BOM))
+    return grammar.tree_checksum(sql.removeprefix(BOM))
 
 
 def default_dir() -> Path:
@@ -55,10 +55,10 @@ def default_dir() -> Path:
     explicit = os.environ.get("TOWER_MIGRATIONS_DIR")
     if explicit:
         return Path(explicit)
-    packaged = Path(__file__).parent / "sql"
+    packaged = Path(__file__).parents[1] / "sql"
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parents[2] / "sql"
+    return Path(__file__).resolve().parents[3] / "sql"
 
 
 def check_version(value: int, what: str) -> int:
@@ -138,42 +138,42 @@ def check_file(migration: Migration) -> tuple[tuple[Statement, ...], ParsedScrip
     that cannot run in (or, in a no-transaction file, cannot safely re-run outside) a
     transaction. The statements come without their parse nodes: a run holds every file's
     statements at once, and keeping the decoded trees would only feed the garbage collector."""
-    from towerctl import sqlsplit  # pglast: only when a file is parsed
+    from towerctl.migrations import grammar  # pglast: only when a file is parsed
 
     name = migration.filename
     parsed: ParsedScript | None = None
     try:
-        parsed = sqlsplit.parse(migration.sql)
+        parsed = grammar.parse(migration.sql)
         statements = parsed.statements
-    except sqlsplit.SQLSyntaxError as error:
+    except grammar.SQLSyntaxError as error:
         # psql-style COPY data after `COPY … FROM STDIN;` is what the grammar tripped on.
         try:
-            before = sqlsplit.parse_script(migration.sql[: error.index])
-        except sqlsplit.SQLSyntaxError:
+            before = grammar.parse_script(migration.sql[: error.index])
+        except grammar.SQLSyntaxError:
             before = []
-        if not (before and sqlsplit.copy_with_client(before[-1])):
+        if not (before and grammar.copy_with_client(before[-1])):
             raise MigrationError(f"{name}, line {error.line}: {error}") from None
         statements = before
     for s in statements:
-        if sqlsplit.is_transaction_control(s):
+        if grammar.is_transaction_control(s):
             verb = s.text.split(None, 1)[0].upper() if s.text else "?"
             raise MigrationError(
                 f"{name}, line {s.line}: transaction control ({verb}) is not allowed; "
                 "towerctl runs each file in one transaction",
                 hint=f"remove it, or make the first line '{NO_TRANSACTION_MARK}'",
             )
-        copy = sqlsplit.copy_with_client(s)
+        copy = grammar.copy_with_client(s)
         if copy:
             raise MigrationError(
                 f"{name}, line {s.line}: COPY … {copy} cannot run from a migration file",
                 hint="load the data with INSERT, or COPY from a server-side file",
             )
-        if migration.transactional and sqlsplit.needs_no_transaction(s):
+        if migration.transactional and grammar.needs_no_transaction(s):
             raise MigrationError(
                 f"{name}, line {s.line}: {_first_words(s)} cannot run inside a transaction",
                 hint=f"put it in its own file whose first line is '{NO_TRANSACTION_MARK}'",
             )
-        if not migration.transactional and not sqlsplit.rerunnable(s):
+        if not migration.transactional and not grammar.rerunnable(s):
             raise MigrationError(
                 f"{name}, line {s.line}: {_first_words(s)} is not allowed in a no-transaction "
                 "file, which may only hold statements safe to run again after a failure "
@@ -182,7 +182,7 @@ def check_file(migration: Migration) -> tuple[tuple[Statement, ...], ParsedScrip
                 "SELECT)",
                 hint="move it to a transactional file",
             )
-    return tuple(sqlsplit.Statement(s.text, s.line, s.kind) for s in statements), parsed
+    return tuple(grammar.Statement(s.text, s.line, s.kind) for s in statements), parsed
 
 
 def _first_words(statement: Statement) -> str:
@@ -190,18 +190,18 @@ def _first_words(statement: Statement) -> str:
 
 
 def tree_or_none(migration: Migration) -> str | None:
-    from towerctl import sqlsplit  # pglast: only when a file is parsed
+    from towerctl.migrations import grammar  # pglast: only when a file is parsed
 
     try:
         return tree_checksum(migration.sql)
-    except sqlsplit.SQLSyntaxError:
+    except grammar.SQLSyntaxError:
         return None
 
 
 def new_file(directory: Path, name: str) -> Path:
     """Write the next numbered, empty migration file and return its path; never into the
     installed package's own migrations (every store of that install would see it)."""
-    packaged = Path(__file__).parent / "sql"
+    packaged = Path(__file__).parents[1] / "sql"
     if packaged.is_dir() and directory.resolve() == packaged.resolve():
         raise BadInput(
             f"{directory} holds the migrations installed with towerctl; a new file there "

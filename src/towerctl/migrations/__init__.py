@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from towerctl.errors import BadInput, MigrationError
-from towerctl.migration_apply import apply
-from towerctl.migration_files import (
+from towerctl.migrations.apply import apply
+from towerctl.migrations.files import (
     BOM,
     FILE_NAME,
     MAX_VERSION,
@@ -46,7 +46,7 @@ from towerctl.migration_files import (
     tree_checksum,
     tree_or_none,
 )
-from towerctl.migration_ledger import (
+from towerctl.migrations.ledger import (
     INSERT_LEDGER,
     INVALID_INDEXES,
     LEASE_TABLE,
@@ -62,7 +62,7 @@ from towerctl.migration_ledger import (
     take_lock,
     wait_for_lease,
 )
-from towerctl.migration_plan import (
+from towerctl.migrations.plan import (
     AppliedMigration,
     MigrationState,
     Plan,
@@ -183,7 +183,7 @@ def repair(
     """Accept an applied file's new checksum when PostgreSQL's parser reads the same statements
     from it as from the file that was applied (or with `force`); record the repair.
     Returns None when the file already matches its ledger row."""
-    from towerctl.sqlsplit import SQLSyntaxError  # pglast: only when a file is parsed
+    from towerctl.migrations.grammar import SQLSyntaxError  # pglast: only when a file is parsed
 
     check_wait(lock_timeout)
     check_version(version, "version")

@@ -16,6 +16,7 @@ write, or it is refused (exit 2) with one line that never shows the key.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -232,7 +233,6 @@ def rotate() -> tuple[str, str]:
 @contextlib.contextmanager
 def _locked(home: Path) -> Iterator[None]:
     """One rotation at a time per home (an advisory lock on the folder itself)."""
-    import fcntl
 
     fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
     try:

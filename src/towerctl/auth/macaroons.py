@@ -25,8 +25,8 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from towerctl.keys import KeyRing
-from towerctl.keys import key_id as ring_key_id
+from towerctl.auth.keys import KeyRing
+from towerctl.auth.keys import key_id as ring_key_id
 
 SCOPES = ("read", "request")
 DEFAULT_LOCATION = "timmy-tower"

@@ -24,9 +24,9 @@ from towerctl import bounds
 from towerctl.agents import Agent
 from towerctl.config import Pricing, RequestLimits
 from towerctl.errors import BadInput, ExitCode, NotServed, WriteFailed, error_for
-from towerctl.lease import SessionLease, hold_seconds
-from towerctl.request_write import KeptLease
-from towerctl.session_requests import run_request, unrecorded_refusal
+from towerctl.requests.lease import SessionLease, hold_seconds
+from towerctl.requests.record import KeptLease
+from towerctl.requests.serve import run_request, unrecorded_refusal
 
 if TYPE_CHECKING:
     import psycopg

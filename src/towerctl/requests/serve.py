@@ -28,8 +28,9 @@ from uuid import UUID
 from towerctl.agents import Agent, AgentReply, ChatMessage
 from towerctl.config import Pricing, RequestLimits
 from towerctl.errors import BadInput, NotServed
-from towerctl.lease import SessionLease, hold_seconds
-from towerctl.request_rules import (
+from towerctl.requests.lease import SessionLease, hold_seconds
+from towerctl.requests.record import History, KeptLease, RequestOutcome, history, record, refusal
+from towerctl.requests.rules import (
     bounded_reply,
     context_window,
     cost_sats,
@@ -39,7 +40,6 @@ from towerctl.request_rules import (
     validate_idempotency_key,
     validate_message,
 )
-from towerctl.request_write import History, KeptLease, RequestOutcome, history, record, refusal
 
 if TYPE_CHECKING:
     import psycopg

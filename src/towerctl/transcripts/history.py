@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from towerctl.errors import NotServed
-from towerctl.lease import MARGIN_SECONDS, SessionLease
+from towerctl.requests.lease import MARGIN_SECONDS, SessionLease
 
 if TYPE_CHECKING:
     import psycopg

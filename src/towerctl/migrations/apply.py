@@ -9,9 +9,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from towerctl.db import first_line
 from towerctl.errors import MigrationError
-from towerctl.migration_files import Migration
-from towerctl.migration_ledger import (
+from towerctl.migrations.files import Migration
+from towerctl.migrations.ledger import (
     DROP_LEASE,
     INSERT_LEDGER,
     INVALID_INDEXES,
@@ -28,7 +29,7 @@ from towerctl.migration_ledger import (
     take_lock,
     wait_for_lease,
 )
-from towerctl.migration_plan import Step
+from towerctl.migrations.plan import Step
 
 if TYPE_CHECKING:
     import psycopg
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 def _failure(conn: psycopg.Connection, step: Step, current: int, error: Exception) -> Exception:
     """The error to raise for a failed statement: the connection's own loss passes through
     (exit 8); anything else names the file and the line (exit 7)."""
-    from towerctl.db import first_line
 
     if conn.broken or conn.closed:
         return error

@@ -46,13 +46,13 @@ from uuid import UUID
 
 from towerctl import auth, db, render, sessions, transcripts
 from towerctl.errors import BadInput
-from towerctl.export import BinaryOut, Blocks, Options, TextStream
 from towerctl.transcripts import MESSAGE_JSON, REQUEST_STATE, Format, Message, Selection
+from towerctl.transcripts.export import BinaryOut, Blocks, Options, TextStream
 
 if TYPE_CHECKING:
     import psycopg
 
-    from towerctl.keys import KeyRing
+    from towerctl.auth.keys import KeyRing
 
 FORMATS = (Format.ndjson, Format.table)
 CHANNEL_PREFIX = "towerctl_session_"

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from towerctl import config, macaroons
+from towerctl import config
+from towerctl.auth import macaroons
+from towerctl.auth.keys import KeyRing
 from towerctl.errors import Unauthorized
-from towerctl.keys import KeyRing
 
 if TYPE_CHECKING:
     import psycopg

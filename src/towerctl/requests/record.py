@@ -14,8 +14,8 @@ from uuid import UUID
 from towerctl.agents import AgentReply
 from towerctl.config import Pricing
 from towerctl.errors import ExitCode, NotServed
-from towerctl.lease import MARGIN_SECONDS, LeaseLost, SessionLease
-from towerctl.request_rules import message_digest, tokens
+from towerctl.requests.lease import MARGIN_SECONDS, LeaseLost, SessionLease
+from towerctl.requests.rules import message_digest, tokens
 
 if TYPE_CHECKING:
     import psycopg

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from towerctl.errors import BadInput, MigrationError
-from towerctl.migration_files import (
+from towerctl.migrations.files import (
     Migration,
     check_file,
     check_version,
@@ -20,7 +20,7 @@ from towerctl.migration_files import (
 )
 
 if TYPE_CHECKING:
-    from towerctl.sqlsplit import ParsedScript, Statement
+    from towerctl.migrations.grammar import ParsedScript, Statement
 
 
 @dataclass(frozen=True)

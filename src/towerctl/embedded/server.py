@@ -39,40 +39,19 @@ from pathlib import Path
 from urllib.parse import quote
 
 from towerctl import config
-from towerctl.embedded_account import (
-    MAX_SOCKET_PATH_BYTES,
+from towerctl.embedded.account import (
     PORT,
     SERVER_DATA_ROOT,
-    SERVER_USER,
     ServerUser,
     as_server,
     is_short_socket_folder,
     pgdata_path,
     root_pgdata,
     server_binary,
-    server_installation,
     server_user,
     socket_folder,
-    wheel_installation,
 )
 from towerctl.errors import BadInput, DatabaseUnreachable
-
-__all__ = [
-    "MAX_SOCKET_PATH_BYTES",
-    "PORT",
-    "SERVER_DATA_ROOT",
-    "SERVER_USER",
-    "ServerInfo",
-    "ServerUser",
-    "ensure_running",
-    "pgdata_path",
-    "read_running",
-    "remove",
-    "server_installation",
-    "server_user",
-    "stop",
-    "wheel_installation",
-]
 
 SUPERUSER = "postgres"
 START_TIMEOUT_S = 60.0
