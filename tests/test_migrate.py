@@ -381,11 +381,17 @@ def test_ddl_waits_at_most_the_statement_lock_timeout(
         == 0
     )
     monkeypatch.setenv("TOWER_MIGRATION_LOCK_TIMEOUT", "0.3")
-    with psycopg.connect(empty_db_url) as reader:  # a long transaction holding a lock on t
+    # a long transaction holding a lock on t
+    with psycopg.connect(empty_db_url, application_name="report-job") as reader:
         reader.execute("SELECT * FROM t")
+        holder = reader.info.backend_pid
         result = cli("--database-url", empty_db_url, "migrate", "--dir", str(folder))
     assert result.exit_code == ExitCode.MIGRATION
-    assert "0002_alter.sql, line 1" in result.stderr and "lock timeout" in result.stderr
+    assert "0002_alter.sql, line 1: waited 0.3s for a table lock" in result.stderr
+    # The blocker is named, and which setting to raise.
+    assert f"held by pid {holder} (report-job, idle in transaction since " in result.stderr
+    assert "TOWER_MIGRATION_LOCK_TIMEOUT" in result.stderr
+    assert len([line for line in result.stderr.splitlines() if "towerctl:" in line]) == 1
     assert ledger_versions(empty_db_url) == [1]
 
 

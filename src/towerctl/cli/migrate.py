@@ -31,7 +31,10 @@ DIR_OPTION = typer.Option(
     show_default=False,
 )
 VERSION = whole_number(0, 2**63 - 1)  # ASCII digits within PostgreSQL's bigint
-LOCK_TIMEOUT_HELP = "Seconds to wait for another runner's lock (exit 7 after)."
+LOCK_TIMEOUT_HELP = (
+    "Seconds to wait for another towerctl migrate to finish (exit 7 after). The wait of "
+    "each statement for a table lock is TOWER_MIGRATION_LOCK_TIMEOUT."
+)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,31 @@ if TYPE_CHECKING:
     import psycopg
 
 
+LOCK_NOT_AVAILABLE = "55P03"
+# Who holds locks on this database's tables: the sessions a statement could wait for.
+TABLE_LOCK_HOLDERS = """
+SELECT a.pid, coalesce(nullif(a.application_name, ''), '-'), coalesce(a.state, '-'),
+       coalesce(to_char(a.xact_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '-')
+FROM pg_stat_activity a
+WHERE a.pid <> pg_backend_pid() AND a.pid IN (
+    SELECT l.pid FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+    WHERE l.granted AND l.locktype = 'relation'
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND c.relnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace))
+ORDER BY a.xact_start NULLS LAST
+LIMIT 3"""
+
+
+def _holders(conn: psycopg.Connection) -> str:
+    """`, held by pid 123 (psql, idle in transaction since ...)`, or nothing when unknown."""
+    try:
+        rows = conn.execute(TABLE_LOCK_HOLDERS).fetchall()
+    except Exception:
+        return ""
+    shown = [f"pid {pid} ({app}, {state} since {since})" for pid, app, state, since in rows]
+    return f", held by {'; '.join(shown)}" if shown else ""
+
+
 def _failure(conn: psycopg.Connection, step: Step, current: int, error: Exception) -> Exception:
     """The error to raise for a failed statement: the connection's own loss passes through
     (exit 8); anything else names the file and the line (exit 7)."""
@@ -48,6 +73,14 @@ def _failure(conn: psycopg.Connection, step: Step, current: int, error: Exceptio
             hint="nothing of this file was applied",
         )
     statement = step.statements[current]
+    if getattr(error, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+        return MigrationError(
+            f"{step.migration.filename}, line {statement.line}: waited "
+            f"{statement_lock_timeout():g}s for a table lock{_holders(conn)}",
+            hint="nothing of this file was applied; end that session or raise "
+            "TOWER_MIGRATION_LOCK_TIMEOUT (the wait for table locks; --lock-timeout is the "
+            "wait for another runner)",
+        )
     diag = getattr(error, "diag", None)
     position = getattr(diag, "statement_position", None)
     line = statement.line_of(int(position)) if position else statement.line
