@@ -1,8 +1,9 @@
 -- towerctl:no-transaction
--- `session find`: full-text search over message content, and `report`'s windows.
--- Built CONCURRENTLY so a live primary keeps taking writes. (If a previous attempt
--- failed it may have left an INVALID index of one of these names: drop it and run
--- `towerctl migrate` again.)
+-- `session find`: full-text search over message content. Built CONCURRENTLY so a live
+-- primary keeps taking writes. (If a previous attempt failed it may have left an
+-- INVALID index of this name: drop it and run `towerctl migrate` again.) One index per
+-- file: a no-transaction file runs its statements one by one, and each such index is
+-- best retried alone.
 --
 -- The 'simple' configuration: messages come in every language, and support searches
 -- for the words a customer used; 'simple' lower-cases without stemming or stop words,
@@ -14,8 +15,3 @@
 CREATE INDEX CONCURRENTLY IF NOT EXISTS session_messages_content_search_idx
     ON session_messages USING gin (to_tsvector('simple'::regconfig, left(content, 100000)));
 
--- `report --since 1d` reads one window of the ledger and of the requests.
-CREATE INDEX CONCURRENTLY IF NOT EXISTS balance_ledger_created_idx
-    ON balance_ledger (created_at);
-CREATE INDEX CONCURRENTLY IF NOT EXISTS session_requests_created_idx
-    ON session_requests (created_at);
