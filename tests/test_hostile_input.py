@@ -178,6 +178,8 @@ def test_arbitrary_ndjson_batches(
     expected = ExitCode.OK if answered == len(requests) else ExitCode.BAD_INPUT
     assert result.exit_code == expected, (lines, result.stderr)
     outcomes = [json.loads(line) for line in result.stdout.splitlines()]
+    if answered < len(requests):  # the bad line's own compact error line comes last
+        assert outcomes.pop()["error"]["line"] >= answered + 1
     assert len(outcomes) == answered
     assert all(o["sessionId"] == session.id and o["state"] == "complete" for o in outcomes)
 

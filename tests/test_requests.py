@@ -300,6 +300,9 @@ def test_batch_with_idempotency_keys_and_a_malformed_line(cli: CLI, db_url: str)
     assert result.exit_code == ExitCode.BAD_INPUT
     assert "line 5" in result.stderr
     out = [json.loads(x) for x in result.stdout.splitlines()]
+    # The bad line gets its own compact NDJSON line, after the outcomes before it.
+    assert out[-1]["error"]["line"] == 5 and out[-1]["error"]["exitCode"] == 2
+    out = out[:-1]
     assert [o["result"] for o in out] == ["one", "one", "two"]
     assert out[0]["requestId"] == out[1]["requestId"]
     assert [o["replayed"] for o in out] == [False, True, False]
@@ -332,6 +335,25 @@ def test_batch_bad_lines_exit_2_with_line_number(cli: CLI, db_url: str, line: st
     assert result.exit_code == ExitCode.BAD_INPUT
     assert "line 2" in result.stderr
     assert counts(db_url)[0] == 1
+    first, error = result.stdout.splitlines()  # one compact line each, the error's included
+    assert json.loads(first)["state"] == "complete"
+    assert json.loads(error)["error"]["line"] == 2
+
+
+@pytest.mark.parametrize("flags", [[], ["--json"]])
+def test_a_bad_first_batch_line_is_one_compact_ndjson_line(
+    cli: CLI, db_url: str, flags: list[str]
+) -> None:
+    s = open_session(cli, 1000)
+    result = request(cli, s, "--batch", *flags, input='not json\n{"message": "never"}\n')
+    assert result.exit_code == ExitCode.BAD_INPUT
+    [line] = result.stdout.splitlines()
+    assert json.loads(line)["error"] == {
+        "message": "line 1: not valid JSON (stopped; before it: 0 complete, 0 rejected, 0 failed)",
+        "exitCode": 2,
+        "line": 1,
+    }
+    assert counts(db_url)[0] == 0
 
 
 # --- bad input and authorization write nothing ---------------------------------------------
@@ -537,7 +559,9 @@ def test_batch_exit_code_counts_failed_lines_before_a_malformed_one(
     result = request(cli, s, "--batch", "--agent", broken, input=lines)
     assert result.exit_code == ExitCode.AGENT_FAILED
     assert "line 3" in result.stderr
-    assert len(result.stdout.splitlines()) == 2
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [o.get("state") for o in out[:2]] == ["failed", "failed"]
+    assert out[2]["error"]["line"] == 3 and len(out) == 3
 
 
 def test_batch_line_with_invalid_utf8_exits_2_with_its_number(cli: CLI, db_url: str) -> None:

@@ -14,6 +14,7 @@ the line whose agent was already called is recorded unread.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -146,7 +147,7 @@ def run_batch(
             except bounds.LineTooLong:
                 number += 1
                 too_long = f"longer than {limits.batch_line_bytes:,} bytes"
-                raise _stopped(summary, number, too_long) from None
+                raise _stopped(summary, number, too_long, emit) from None
             try:
                 item = parse_batch_line(raw, limits)
                 if item is None:
@@ -155,7 +156,7 @@ def run_batch(
                     raise _output_lost(summary, "the reader of the output went away")
                 doc, state = _serve(kept, item, agent, pricing, limits)
             except BadInput as error:
-                raise _stopped(summary, number, str(error)) from None
+                raise _stopped(summary, number, str(error), emit) from None
             summary.add(doc, state)
             try:
                 emit(doc)
@@ -192,11 +193,16 @@ def _serve(
     return outcome.as_json(), outcome.state
 
 
-def _stopped(summary: BatchSummary, number: int, problem: str) -> Exception:
-    return error_for(
-        max(summary.worst, ExitCode.BAD_INPUT),
-        f"line {number}: {problem} (stopped; before it: {summary.text()})",
-    )
+def _stopped(
+    summary: BatchSummary, number: int, problem: str, emit: Callable[[dict[str, Any]], None]
+) -> Exception:
+    """The error that stops a batch at a bad line; its NDJSON line goes out first, so a
+    script reading the outcomes sees one compact line for every line it sent."""
+    code = max(summary.worst, ExitCode.BAD_INPUT)
+    message = f"line {number}: {problem} (stopped; before it: {summary.text()})"
+    with contextlib.suppress(WriteFailed):  # a reader gone: the exit code still tells
+        emit({"error": {"message": message, "exitCode": int(ExitCode.BAD_INPUT), "line": number}})
+    return error_for(code, message)
 
 
 def _output_lost(
