@@ -18,6 +18,7 @@ from towerctl.agents.base import (
     AgentReply,
     ChatMessage,
     EchoAgent,
+    TextSink,
     agent_environment,
     clean,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "AgentReply",
     "ChatMessage",
     "EchoAgent",
+    "TextSink",
     "agent_environment",
     "agent_from_spec",
     "clean",

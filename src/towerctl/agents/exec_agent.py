@@ -17,6 +17,7 @@ from towerctl.agents.base import (
     ERROR_TAIL_CHARS,
     AgentReply,
     ChatMessage,
+    TextSink,
     _tail,
     agent_environment,
 )
@@ -130,14 +131,20 @@ class ExecAgent:
     max_output_bytes: int = bounds.reply_output_bytes(int(bounds.REPLY_CHARS.default))
     name: str = "exec"
 
-    def answer(self, session_id: str, conversation: list[ChatMessage]) -> AgentReply:
-        payload = json.dumps(
-            {
-                "sessionId": session_id,
-                "messages": [{"role": m.role, "content": m.content} for m in conversation],
-            },
-            ensure_ascii=False,
-        ).encode("utf-8", "surrogatepass")
+    def answer(
+        self,
+        session_id: str,
+        conversation: list[ChatMessage],
+        max_output_tokens: int | None = None,
+        on_text: TextSink | None = None,
+    ) -> AgentReply:
+        document: dict[str, object] = {
+            "sessionId": session_id,
+            "messages": [{"role": m.role, "content": m.content} for m in conversation],
+        }
+        if max_output_tokens is not None:
+            document["maxOutputTokens"] = max_output_tokens
+        payload = json.dumps(document, ensure_ascii=False).encode("utf-8", "surrogatepass")
         deadline = time.monotonic() + self.timeout
         try:
             proc = subprocess.Popen(

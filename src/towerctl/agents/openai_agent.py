@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from towerctl import bounds
-from towerctl.agents.base import AgentReply, ChatMessage, _tail
+from towerctl.agents.base import AgentReply, ChatMessage, TextSink, _tail
 
 
 class _Malformed(Exception):
@@ -44,9 +44,11 @@ def _parse_completion(body: bytes) -> AgentReply:
     except (ValueError, RecursionError):
         raise _Malformed("agent answered with a body that is not JSON") from None
     try:
-        message = doc["choices"][0]["message"]
+        choice = doc["choices"][0]
+        message = choice["message"]
         refusal = message.get("refusal")
         content = message.get("content")
+        stopped_at_budget = choice.get("finish_reason") == "length"
     except (KeyError, IndexError, TypeError, AttributeError):
         raise _Malformed("agent answered with an unexpected body") from None
     if not isinstance(content, str | None) or not isinstance(refusal, str | None):
@@ -58,7 +60,7 @@ def _parse_completion(body: bytes) -> AgentReply:
     completion = _token_count(usage, "completion_tokens") if usage else None
     if refusal:
         return AgentReply("rejected", refusal, prompt, completion)
-    return AgentReply("complete", content or "", prompt, completion)
+    return AgentReply("complete", content or "", prompt, completion, stopped_at_budget)
 
 
 def _decoded_body(chunks: Iterator[bytes], encoding: str, cap: int, deadline: float) -> bytes:
@@ -147,14 +149,22 @@ class OpenAIAgent:
     max_body_bytes: int = bounds.http_body_bytes(int(bounds.REPLY_CHARS.default))
     name: str = "openai"
 
-    def answer(self, session_id: str, conversation: list[ChatMessage]) -> AgentReply:
+    def answer(
+        self,
+        session_id: str,
+        conversation: list[ChatMessage],
+        max_output_tokens: int | None = None,
+        on_text: TextSink | None = None,
+    ) -> AgentReply:
         import httpx  # imported on use, as elsewhere here: most runs never need it
 
         timed_out = AgentReply("failed", f"agent timed out after {self.timeout:g}s")
         deadline = time.monotonic() + self.timeout
         with _Watchdog(self.timeout) as watchdog:
             try:
-                status, body = self._call(session_id, conversation, deadline, watchdog)
+                status, body = self._call(
+                    session_id, conversation, max_output_tokens, deadline, watchdog
+                )
             except _TimedOut:
                 return timed_out
             except _Malformed as error:
@@ -179,6 +189,7 @@ class OpenAIAgent:
         self,
         session_id: str,
         conversation: list[ChatMessage],
+        max_output_tokens: int | None,
         deadline: float,
         watchdog: _Watchdog,
     ) -> tuple[int, bytes]:
@@ -187,11 +198,13 @@ class OpenAIAgent:
         headers = {"Accept-Encoding": "gzip, deflate"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        body = {
+        body: dict[str, Any] = {
             "model": self.model,
             "messages": [{"role": m.role, "content": m.content} for m in conversation],
             "user": session_id,
         }
+        if max_output_tokens is not None:  # the budget, in both spellings servers know
+            body["max_tokens"] = body["max_completion_tokens"] = max_output_tokens
         url = self.base_url.rstrip("/") + "/chat/completions"
         with (
             httpx.Client(timeout=httpx.Timeout(self.timeout)) as client,
