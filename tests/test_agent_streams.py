@@ -210,3 +210,89 @@ def test_on_a_pipe_the_reply_is_printed_after_the_write(cli: CLI, db_url: str) -
                      "--macaroon", s.macaroon)  # fmt: skip
     assert result.exit_code == ExitCode.OK and result.stdout == REPLY + "\n"
     assert "stream" not in received[0]
+
+
+# --- hostile streams: the deadline, the size bounds and strict parsing apply ------------
+
+
+def streamed(behaviour: dict[str, object], budget: int = 10_000, timeout: float = 5):  # type: ignore[no-untyped-def]
+    """The openai agent's reply to a streamed request, and the pieces it showed."""
+    from towerctl.agents import ChatMessage
+    from towerctl.agents.openai_agent import OpenAIAgent
+    from towerctl.bounds import http_body_bytes
+
+    pieces: list[str] = []
+    with openai_server(behaviour) as (url, _):
+        agent = OpenAIAgent(url, "m", None, timeout, http_body_bytes(1000), max_reply_chars=1000)
+        reply = agent.answer("s", [ChatMessage("user", "hi")], budget, pieces.append)
+    return reply, pieces
+
+
+def event(content: str) -> bytes:
+    return b"data: " + json.dumps({"choices": [{"delta": {"content": content}}]}).encode() + b"\n\n"
+
+
+@pytest.mark.timeout(60)
+def test_an_endless_stream_line_is_failed_within_bounds() -> None:
+    started = time.monotonic()
+    reply, _ = streamed({"events": [b'data: {"choices": '], "endless": True})
+    assert reply.state == "failed" and "longer than" in reply.text
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(
+    ("events", "words"),
+    [
+        ([b"data: {not json\n\n"], "not JSON"),
+        ([b"data: " + b"[" * 5000 + b"]" * 5000 + b"\n\n"], "nested"),
+        ([b'data: {"choices": [{"delta": {"content": 7}}]}\n\n'], "unexpected"),
+        ([event("half a reply")], "ended before"),  # the connection closes: no [DONE]
+        ([event("x"), b'data: {"choices": [], "usage": {"completion_tokens": -1}}\n\n'], "invalid"),
+    ],
+)
+def test_malformed_streams_are_failed(events: list[bytes], words: str) -> None:
+    reply, _ = streamed({"events": [*events]})
+    assert reply.state == "failed" and words in reply.text, reply
+
+
+def test_a_stream_longer_than_the_reply_bound_is_not_read_past_it() -> None:
+    """The bound is 1,000 characters; the stream would send 100,000 (and never ends)."""
+    reply, pieces = streamed({"events": [event("y" * 100) for _ in range(1000)], "endless": False})
+    assert len(reply.text) <= 1100 and reply.truncated
+    assert "".join(pieces) == reply.text
+
+
+def test_usage_from_the_final_chunk_and_the_stop_reason() -> None:
+    final = b'data: {"choices": [{"delta": {}, "finish_reason": "length"}]}\n\n'
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 9}}\n\n'
+    reply, pieces = streamed(
+        {"events": [event("a"), event("b"), final, usage, b"data: [DONE]\n\n"]}
+    )
+    assert (reply.state, reply.text, reply.truncated) == ("complete", "ab", True)
+    assert (reply.input_tokens, reply.output_tokens) == (3, 9) and pieces == ["a", "b"]
+
+
+def test_a_streamed_refusal_is_a_rejection() -> None:
+    refusal = b'data: {"choices": [{"delta": {"refusal": "No."}, "finish_reason": "stop"}]}\n\n'
+    reply, pieces = streamed({"events": [refusal, b"data: [DONE]\n\n"]})
+    assert (reply.state, reply.text, pieces) == ("rejected", "No.", [])
+
+
+@pytest.mark.timeout(60)
+def test_a_stream_past_the_reply_bound_is_failed_on_a_terminal(
+    tower_env: dict[str, str], cli: CLI, db_url: str
+) -> None:
+    """As an answer in one body is: TOWER_MAX_REPLY_CHARS=100 and 600 characters
+    streamed (the budget, 25 tokens, is the bound's): failed, nothing charged."""
+    s = open_session(cli, 10_000)
+    env = {**tower_env, "TOWER_MAX_REPLY_CHARS": "100"}
+    with openai_server({"tokens": ["abcdefghij"] * 60}) as (url, received):
+        proc, master = start_on_pty(request_args(s, f"openai:{url}"), env)
+        try:
+            shown = read_pty(master, 30, proc=proc)
+            code = proc.wait(timeout=30)
+        finally:
+            os.close(master)
+    assert code == ExitCode.AGENT_FAILED, shown
+    assert received[0]["max_tokens"] == 25
+    assert store(db_url)[0] == [("failed", 0)]

@@ -144,6 +144,9 @@ class _StreamedReply:
             raise _Malformed("agent streamed an unexpected chunk")
         if usage is not None and not isinstance(usage, dict):
             raise _Malformed("agent reported usage that is not an object")
+        if usage:
+            _token_count(usage, "prompt_tokens")
+            _token_count(usage, "completion_tokens")
         return (content, refusal), finish, usage
 
     @staticmethod
@@ -334,7 +337,9 @@ class OpenAIAgent:
             streamed = "text/event-stream" in response.headers.get("content-type", "")
             if on_text is not None and streamed and response.status_code < 400:
                 pieces = _decoded_chunks(response.iter_raw(), encoding, 1 << 62, deadline)
-                most = self.max_reply_chars if max_output_tokens is None else 4 * max_output_tokens
+                most = self.max_reply_chars  # read no further than the reply bound
+                if max_output_tokens is not None:  # nor than the budget
+                    most = min(most, 4 * max_output_tokens)
                 reader = _StreamedReply(on_text, most, self.max_body_bytes)
                 return response.status_code, reader.read(pieces)
             data = _decoded_body(response.iter_raw(), encoding, self.max_body_bytes, deadline)
