@@ -232,3 +232,27 @@ def test_reported_usage_beyond_the_budget_is_not_charged_past_the_balance(
     assert doc["state"] == "complete" and doc["debitedSats"] <= 40
     assert doc["debitedSats"] == cost_sats(Pricing(), doc["inputTokens"], doc["outputTokens"])
     assert_store_consistent(db_url)
+
+
+def test_batch_lines_say_truncated_and_never_overspend(
+    cli: CLI, db_url: str, tmp_path: Path
+) -> None:
+    """Each line's budget is what the balance left by the lines before it buys."""
+    agent = exec_agent(tmp_path, "long.py", "print('q' * 400)")  # 100 tokens
+    s = open_session(cli, 60)
+    lines = "".join(json.dumps({"message": f"line {n}"}) + "\n" for n in range(4))
+    result = cli(
+        "session", "request", s.id, "--batch", "--agent", agent, "--macaroon", s.macaroon,
+        input=lines,
+    )  # fmt: skip
+    docs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [d["state"] for d in docs][:2] == ["complete", "complete"]
+    assert docs[0]["truncated"] is False and docs[1]["truncated"] is True
+    balance = 60
+    for d in docs:
+        assert d["debitedSats"] <= balance
+        if d["state"] == "complete":
+            assert d["debitedSats"] == cost_sats(Pricing(), d["inputTokens"], d["outputTokens"])
+        balance -= d["debitedSats"]
+    assert balance >= 0
+    assert_store_consistent(db_url)
