@@ -99,10 +99,10 @@ def _end_descendants(spare: set[int]) -> None:
         for pid in found:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-        for pid in found:
+        time.sleep(0.002)
+        for pid in found:  # never a blocking wait: one that cannot be killed is given up
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)  # ours (now): reaped; another's: not ours to wait for
-        time.sleep(0.001)
+                os.waitpid(pid, os.WNOHANG)  # ours (now): reaped once dead; others': not ours
 
 
 class _OutputTooLarge(Exception):
