@@ -73,6 +73,9 @@ def openai_server(behaviour: dict[str, Any]) -> Iterator[tuple[str, list[dict[st
                 self._answer()
 
         def _answer(self) -> None:
+            if ("tokens" in behaviour or "events" in behaviour) and received[-1].get("stream"):
+                self._stream()
+                return
             status = behaviour.get("status", 200)
             data = behaviour.get("raw")
             if data is None:
@@ -104,6 +107,36 @@ def openai_server(behaviour: dict[str, Any]) -> Iterator[tuple[str, list[dict[st
                 self.wfile.write(message[i : i + 1])
                 self.wfile.flush()
                 time.sleep(drip)
+
+        def _stream(self) -> None:
+            """Server-sent events: one chunk per token every "interval" seconds (after
+            "first" seconds), a usage chunk if "usage", then [DONE]; "stall": stop
+            sending (without closing) after that many tokens; or "events": raw bytes."""
+            self.close_connection = True
+            head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close"
+            self.wfile.write((head + "\r\n\r\n").encode())
+            self.wfile.flush()
+            time.sleep(behaviour.get("first", 0))
+            if "events" in behaviour:  # misbehaving: these bytes as they are, then more if
+                for data in behaviour["events"]:  # "endless" (a line that never ends)
+                    self.wfile.write(data)
+                deadline = time.monotonic() + 30
+                while behaviour.get("endless") and time.monotonic() < deadline:
+                    self.wfile.write(b"x" * 65536)
+                return
+            for n, token in enumerate(behaviour["tokens"]):
+                if n == behaviour.get("stall"):
+                    time.sleep(30)
+                    return
+                chunk = {"choices": [{"index": 0, "delta": {"content": token}}]}
+                self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                self.wfile.flush()
+                time.sleep(behaviour.get("interval", 0))
+            if behaviour.get("usage") is not None:
+                final = {"choices": [], "usage": behaviour["usage"]}
+                self.wfile.write(b"data: " + json.dumps(final).encode() + b"\n\n")
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
 
     server = QuietHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True

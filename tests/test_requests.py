@@ -23,7 +23,8 @@ from towerctl.requests.rules import context_window, cost_sats, tokens
 
 OUTCOME_KEYS = {
     "requestId", "sessionId", "state", "result", "reason", "errorMessage",
-    "debitedSats", "balanceRemaining", "inputTokens", "outputTokens", "replayed", "exitCode",
+    "debitedSats", "balanceRemaining", "inputTokens", "outputTokens", "replayed", "truncated",
+    "exitCode",
 }  # fmt: skip
 
 

@@ -18,6 +18,7 @@ from towerctl.agents.base import (
     AgentReply,
     ChatMessage,
     EchoAgent,
+    TextSink,
     agent_environment,
     clean,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "AgentReply",
     "ChatMessage",
     "EchoAgent",
+    "TextSink",
     "agent_environment",
     "agent_from_spec",
     "clean",
@@ -84,5 +86,6 @@ def agent_from_spec(
             api_key=os.environ.get("TOWER_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY"),
             timeout=timeout,
             max_body_bytes=bounds.http_body_bytes(max_reply_chars),
+            max_reply_chars=max_reply_chars,
         )
     raise BadInput(f"unknown agent {spec.split(':')[0]!r}: use echo, exec:COMMAND or openai:URL")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,13 +27,27 @@ class AgentReply:
     text: str  # the result, the reason, or the error message
     input_tokens: int | None = None  # as reported by the agent, when it reports usage
     output_tokens: int | None = None
+    truncated: bool = False  # cut at the budget (by towerctl, or the agent said so)
+
+
+# Where a streamed reply's text goes as it arrives (None: nobody watches; wait).
+TextSink = Callable[[str], None]
 
 
 class Agent(Protocol):
     @property
     def name(self) -> str: ...
 
-    def answer(self, session_id: str, conversation: list[ChatMessage]) -> AgentReply: ...
+    def answer(
+        self,
+        session_id: str,
+        conversation: list[ChatMessage],
+        max_output_tokens: int | None = None,
+        on_text: TextSink | None = None,
+    ) -> AgentReply:
+        """The reply; `max_output_tokens`: the budget (SPEC 6), told to the agent;
+        `on_text`: called with each piece of a complete reply's text as it arrives."""
+        ...
 
 
 def agent_environment() -> dict[str, str]:
@@ -66,5 +82,14 @@ class EchoAgent:
 
     name: str = "echo"
 
-    def answer(self, session_id: str, conversation: list[ChatMessage]) -> AgentReply:
-        return AgentReply("complete", conversation[-1].content)
+    def answer(
+        self,
+        session_id: str,
+        conversation: list[ChatMessage],
+        max_output_tokens: int | None = None,
+        on_text: TextSink | None = None,
+    ) -> AgentReply:
+        text = conversation[-1].content
+        if max_output_tokens is not None and math.ceil(len(text) / 4) > max_output_tokens:
+            return AgentReply("complete", text[: max_output_tokens * 4], truncated=True)
+        return AgentReply("complete", text)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import ctypes
 import json
 import os
 import selectors
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -17,6 +20,7 @@ from towerctl.agents.base import (
     ERROR_TAIL_CHARS,
     AgentReply,
     ChatMessage,
+    TextSink,
     _tail,
     agent_environment,
 )
@@ -37,23 +41,97 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+PR_GET_CHILD_SUBREAPER = 37
+
+
+def _subreaper(on: bool) -> bool | None:
+    """Make this process a child subreaper (Linux: orphaned descendants become its
+    children, not init's) or stop being one; the setting before, None where unknown."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        was = ctypes.c_int(0)
+        if prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0) != 0:
+            return None
+        if prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return bool(was.value)
+
+
+def _children() -> dict[int, list[int]]:
+    """Every process's children, from /proc (parent pid -> child pids)."""
+    tree: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                    parent = int(stat.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            tree.setdefault(parent, []).append(int(entry.name))
+    return tree
+
+
+def _descendants(spare: set[int]) -> list[int]:
+    """This process's descendants, except the children in `spare` and theirs."""
+    tree = _children()
+    found: list[int] = []
+    stack = [pid for pid in tree.get(os.getpid(), []) if pid not in spare]
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack.extend(tree.get(pid, []))
+    return found
+
+
+def _end_descendants(spare: set[int]) -> None:
+    """SIGKILL every descendant the agent left (those that left its process group
+    became this subreaper's children when their parents died), and reap them; again
+    for any that a killed one had started, within a bound."""
+    give_up = time.monotonic() + 2
+    while (found := _descendants(spare)) and time.monotonic() < give_up:
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.002)
+        for pid in found:  # never a blocking wait: one that cannot be killed is given up
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # ours (now): reaped once dead; others': not ours
+
+
 class _OutputTooLarge(Exception):
     pass
 
 
 @dataclass
 class _Exchange:
-    """The conversation with one exec agent: stdin written, stdout kept up to a cap,
-    the tail of stderr kept, all within one deadline."""
+    """The conversation with one exec agent: stdin written, stdout kept up to a cap
+    (and shown to `on_text` as it arrives), the tail of stderr kept, all within one
+    deadline."""
 
     process: subprocess.Popen[bytes]
     payload: bytes
     deadline: float
     max_output_bytes: int
+    on_text: TextSink | None = None
+
+    def __post_init__(self) -> None:
+        self._output: list[bytes] = []
+        self._size = 0
+        self._errors = bytearray()
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def run(self) -> tuple[bytes, bytes] | None:
-        """(stdout, stderr tail) once the agent has exited and closed its output;
-        None at the deadline. Raises _OutputTooLarge past the output cap."""
+        """(stdout, stderr tail) once the agent itself has exited: what it wrote is read
+        to the end of what is buffered, never waiting for an end of file that a
+        descendant holding its stdout may keep back; None at the deadline. Raises
+        _OutputTooLarge past the output cap."""
         proc = self.process
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         selector = selectors.DefaultSelector()
@@ -66,17 +144,16 @@ class _Exchange:
             proc.stdin.close()
         selector.register(proc.stdout, selectors.EVENT_READ)
         selector.register(proc.stderr, selectors.EVENT_READ)
-        output: list[bytes] = []
-        size = 0
-        errors = bytearray()
-        exited = False
         try:
             while True:
-                if not exited and _has_exited(proc.pid):
-                    exited = True
+                if _has_exited(proc.pid):
                     _kill_group(proc.pid)  # done: nothing the agent started outlives it
-                if exited and not selector.get_map():
-                    return b"".join(output), bytes(errors)
+                    for key in list(selector.get_map().values()):
+                        if key.fileobj is not proc.stdin:  # what is buffered, and no more
+                            with contextlib.suppress(BlockingIOError):
+                                while self._take(key.fd, key.fileobj is proc.stdout):
+                                    pass
+                    return b"".join(self._output), bytes(self._errors)
                 remaining = self.deadline - time.monotonic()
                 if remaining <= 0:
                     return None
@@ -97,21 +174,32 @@ class _Exchange:
                             proc.stdin.close()
                         continue
                     try:
-                        data = os.read(key.fd, 1 << 16)
+                        if not self._take(key.fd, key.fileobj is proc.stdout):
+                            selector.unregister(key.fileobj)
                     except BlockingIOError:
                         continue
-                    if not data:
-                        selector.unregister(key.fileobj)
-                    elif key.fileobj is proc.stdout:
-                        size += len(data)
-                        if size > self.max_output_bytes:
-                            raise _OutputTooLarge()
-                        output.append(data)
-                    else:
-                        errors += data
-                        del errors[: -4 * ERROR_TAIL_CHARS]
         finally:
             selector.close()
+
+    def _take(self, fd: int, is_stdout: bool) -> bool:
+        """Read once from stdout or stderr: False at its end; BlockingIOError when
+        nothing is buffered."""
+        data = os.read(fd, 1 << 16)
+        if not data:
+            return False
+        if is_stdout:
+            self._size += len(data)
+            if self._size > self.max_output_bytes:
+                raise _OutputTooLarge()
+            self._output.append(data)
+            if self.on_text is not None:
+                text = self._decoder.decode(data)
+                if text:
+                    self.on_text(text)
+        else:
+            self._errors += data
+            del self._errors[: -4 * ERROR_TAIL_CHARS]
+        return True
 
 
 @dataclass(frozen=True)
@@ -121,8 +209,12 @@ class ExecAgent:
     stdin: {"sessionId": ..., "messages": [{"role", "content"}, ...]} (the new message last).
     exit 0: stdout is the result. exit 10: the agent declines; stdout is the reason.
     Any other exit status, the deadline, or more output than the cap: failed, with
-    the tail of stderr as the error. At the deadline, and as soon as the agent has
-    exited, its whole process group is killed: no child of it outlives the request.
+    the tail of stderr as the error. The reply is complete when the agent itself
+    exits (what it wrote is read; an end of file a descendant holds back is not waited
+    for). At the deadline, and as soon as the agent has exited, its whole process group
+    is killed; towerctl is a child subreaper for the run (Linux), so descendants that
+    left the group become its children, and every one left is killed and reaped at the
+    end: nothing the agent started outlives the request.
     """
 
     argv: tuple[str, ...]
@@ -130,15 +222,31 @@ class ExecAgent:
     max_output_bytes: int = bounds.reply_output_bytes(int(bounds.REPLY_CHARS.default))
     name: str = "exec"
 
-    def answer(self, session_id: str, conversation: list[ChatMessage]) -> AgentReply:
-        payload = json.dumps(
-            {
-                "sessionId": session_id,
-                "messages": [{"role": m.role, "content": m.content} for m in conversation],
-            },
-            ensure_ascii=False,
-        ).encode("utf-8", "surrogatepass")
+    def answer(
+        self,
+        session_id: str,
+        conversation: list[ChatMessage],
+        max_output_tokens: int | None = None,
+        on_text: TextSink | None = None,
+    ) -> AgentReply:
+        document: dict[str, object] = {
+            "sessionId": session_id,
+            "messages": [{"role": m.role, "content": m.content} for m in conversation],
+        }
+        if max_output_tokens is not None:
+            document["maxOutputTokens"] = max_output_tokens
+        payload = json.dumps(document, ensure_ascii=False).encode("utf-8", "surrogatepass")
         deadline = time.monotonic() + self.timeout
+        spare = set(_children().get(os.getpid(), []))  # towerctl's own children, if any
+        was_subreaper = _subreaper(True)
+        try:
+            return self._run(payload, deadline, on_text)
+        finally:
+            if was_subreaper is not None:
+                _end_descendants(spare)
+                _subreaper(was_subreaper)
+
+    def _run(self, payload: bytes, deadline: float, on_text: TextSink | None) -> AgentReply:
         try:
             proc = subprocess.Popen(
                 self.argv,
@@ -151,7 +259,7 @@ class ExecAgent:
         except OSError as error:
             return AgentReply("failed", f"cannot run agent: {error.strerror}")
         try:
-            done = _Exchange(proc, payload, deadline, self.max_output_bytes).run()
+            done = _Exchange(proc, payload, deadline, self.max_output_bytes, on_text).run()
         except _OutputTooLarge:
             return AgentReply(
                 "failed", f"agent's reply is larger than {self.max_output_bytes:,} bytes"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from towerctl import bounds
-from towerctl.agents.base import AgentReply, ChatMessage, _tail
+from towerctl.agents.base import AgentReply, ChatMessage, TextSink, _tail
 
 
 class _Malformed(Exception):
@@ -44,9 +44,11 @@ def _parse_completion(body: bytes) -> AgentReply:
     except (ValueError, RecursionError):
         raise _Malformed("agent answered with a body that is not JSON") from None
     try:
-        message = doc["choices"][0]["message"]
+        choice = doc["choices"][0]
+        message = choice["message"]
         refusal = message.get("refusal")
         content = message.get("content")
+        stopped_at_budget = choice.get("finish_reason") == "length"
     except (KeyError, IndexError, TypeError, AttributeError):
         raise _Malformed("agent answered with an unexpected body") from None
     if not isinstance(content, str | None) or not isinstance(refusal, str | None):
@@ -58,37 +60,147 @@ def _parse_completion(body: bytes) -> AgentReply:
     completion = _token_count(usage, "completion_tokens") if usage else None
     if refusal:
         return AgentReply("rejected", refusal, prompt, completion)
-    return AgentReply("complete", content or "", prompt, completion)
+    return AgentReply("complete", content or "", prompt, completion, stopped_at_budget)
 
 
-def _decoded_body(chunks: Iterator[bytes], encoding: str, cap: int, deadline: float) -> bytes:
-    """The response body, decompressed here (gzip or deflate) so that no more than
-    `cap` decompressed bytes are ever held; past it, or past the deadline, raise."""
+def _stream_event(line: bytes) -> Any:
+    """The JSON of one server-sent event's `data:` line; None for any other line (event
+    names, ids, comments, blank separators), DONE for `data: [DONE]`."""
+    if not line.startswith(b"data:"):
+        return None
+    data = line[5:].strip()
+    if data == b"[DONE]":
+        return DONE
+    if not bounds.json_depth_within(data, bounds.JSON_DEPTH.whole_value()):
+        raise _Malformed("agent streamed JSON nested too deeply")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise _Malformed("agent streamed an event that is not JSON") from None
+
+
+DONE = object()
+
+
+@dataclass
+class _StreamedReply:
+    """A chat-completions stream (`"stream": true`) read event by event: the text shown
+    to `on_text` as it arrives, cut after `most_chars` (the budget), usage from the
+    final chunk (`stream_options.include_usage`) when the server sends it."""
+
+    on_text: TextSink | None
+    most_chars: int
+    line_cap: int
+
+    def read(self, pieces: Iterator[bytes]) -> AgentReply:
+        text: list[str] = []
+        refusal: list[str] = []
+        size = 0
+        usage: dict[str, Any] = {}
+        stopped = False
+        finished = False
+        held = b""
+        for piece in pieces:
+            *lines, held = (held + piece).split(b"\n")
+            if len(held) > self.line_cap:
+                raise _Malformed(f"agent streamed a line longer than {self.line_cap:,} bytes")
+            for line in lines:
+                event = _stream_event(line.rstrip(b"\r"))
+                if event is DONE:
+                    return self._reply(text, refusal, usage, stopped)
+                if event is None:
+                    continue
+                delta, finish, reported = self._fields(event)
+                usage = reported or usage
+                stopped = stopped or finish == "length"
+                finished = finished or finish is not None
+                content, refused = delta
+                if refused:
+                    refusal.append(refused)
+                if content:
+                    text.append(content)
+                    size += len(content)
+                    if self.on_text is not None:
+                        self.on_text(content)
+                    if size > self.most_chars:
+                        return self._reply(text, refusal, usage, True)  # cut at the budget
+        if not finished:  # neither [DONE] nor a finish reason: the stream broke off
+            raise _Malformed("agent's stream ended before the reply did")
+        return self._reply(text, refusal, usage, stopped)
+
+    @staticmethod
+    def _fields(event: Any) -> tuple[tuple[str | None, str | None], Any, dict[str, Any] | None]:
+        """((content, refusal), finish_reason, usage) of one chunk."""
+        try:
+            choices = event.get("choices") or []
+            choice = choices[0] if choices else {}
+            delta = choice.get("delta") or {}
+            content, refusal = delta.get("content"), delta.get("refusal")
+            finish = choice.get("finish_reason")
+            usage = event.get("usage")
+        except (AttributeError, IndexError, TypeError):
+            raise _Malformed("agent streamed an unexpected chunk") from None
+        if not isinstance(content, str | None) or not isinstance(refusal, str | None):
+            raise _Malformed("agent streamed an unexpected chunk")
+        if usage is not None and not isinstance(usage, dict):
+            raise _Malformed("agent reported usage that is not an object")
+        if usage:
+            _token_count(usage, "prompt_tokens")
+            _token_count(usage, "completion_tokens")
+        return (content, refusal), finish, usage
+
+    @staticmethod
+    def _reply(
+        text: list[str], refusal: list[str], usage: dict[str, Any], truncated: bool
+    ) -> AgentReply:
+        prompt = _token_count(usage, "prompt_tokens")
+        completion = _token_count(usage, "completion_tokens")
+        if refusal and not text:
+            return AgentReply("rejected", "".join(refusal), prompt, completion)
+        return AgentReply("complete", "".join(text), prompt, completion, truncated)
+
+
+def _decoded_chunks(
+    chunks: Iterator[bytes], encoding: str, cap: int, deadline: float
+) -> Iterator[bytes]:
+    """The response body as it arrives, decompressed here (gzip or deflate) so that no
+    more than `cap` decompressed bytes are ever produced; past it, or past the
+    deadline, raise."""
     encoding = encoding.strip().lower()
     if encoding not in ("", "identity", "gzip", "x-gzip", "deflate"):
         raise _Malformed(f"agent answered with an unsupported content encoding {encoding[:20]!r}")
     inflater = None if encoding in ("", "identity") else zlib.decompressobj(zlib.MAX_WBITS | 32)
-    body = bytearray()
+    size = 0
     for chunk in chunks:
         if time.monotonic() >= deadline:
             raise _TimedOut()
         if inflater is None:
-            body += chunk
+            pieces = [chunk]
         else:
-            data = chunk
+            pieces = []
+            data, held = chunk, size
             while data and not inflater.eof:
                 try:
-                    body += inflater.decompress(data, cap + 1 - len(body))
+                    pieces.append(inflater.decompress(data, cap + 1 - held))
                 except zlib.error:
                     raise _Malformed("agent answered with a corrupt compressed body") from None
-                if len(body) > cap:
+                held += len(pieces[-1])
+                if held > cap:
                     break
                 data = inflater.unconsumed_tail
-        if len(body) > cap:
-            raise _Malformed(f"agent's response is larger than {cap:,} bytes")
+        for piece in pieces:
+            size += len(piece)
+            if size > cap:
+                raise _Malformed(f"agent's response is larger than {cap:,} bytes")
+            if piece:
+                yield piece
     if inflater is not None and not inflater.eof:
         raise _Malformed("agent answered with a truncated compressed body")
-    return bytes(body)
+
+
+def _decoded_body(chunks: Iterator[bytes], encoding: str, cap: int, deadline: float) -> bytes:
+    """The whole response body (see `_decoded_chunks`)."""
+    return b"".join(_decoded_chunks(chunks, encoding, cap, deadline))
 
 
 class _Watchdog:
@@ -146,30 +258,43 @@ class OpenAIAgent:
     timeout: float
     max_body_bytes: int = bounds.http_body_bytes(int(bounds.REPLY_CHARS.default))
     name: str = "openai"
+    max_reply_chars: int = int(bounds.REPLY_CHARS.default)
 
-    def answer(self, session_id: str, conversation: list[ChatMessage]) -> AgentReply:
+    def answer(
+        self,
+        session_id: str,
+        conversation: list[ChatMessage],
+        max_output_tokens: int | None = None,
+        on_text: TextSink | None = None,
+    ) -> AgentReply:
         import httpx  # imported on use, as elsewhere here: most runs never need it
 
         timed_out = AgentReply("failed", f"agent timed out after {self.timeout:g}s")
         deadline = time.monotonic() + self.timeout
         with _Watchdog(self.timeout) as watchdog:
             try:
-                status, body = self._call(session_id, conversation, deadline, watchdog)
+                status, body = self._call(
+                    session_id, conversation, max_output_tokens, on_text, deadline, watchdog
+                )
             except _TimedOut:
                 return timed_out
             except _Malformed as error:
-                return AgentReply("failed", str(error))
+                return timed_out if watchdog.expired.is_set() else AgentReply("failed", str(error))
             except httpx.TimeoutException:
                 return timed_out
             except (httpx.HTTPError, httpx.InvalidURL, OSError) as error:
                 if watchdog.expired.is_set():
                     return timed_out
                 return AgentReply("failed", f"agent unreachable: {_unreachable_reason(error)}")
-        if status >= 400:
+        if status >= 400 and isinstance(body, bytes):
             detail = _tail(body.decode("utf-8", errors="replace"))[:200]
             return AgentReply(
                 "failed", f"agent answered HTTP {status}" + (f": {detail}" if detail else "")
             )
+        if watchdog.expired.is_set():
+            return timed_out  # whatever was read ended because the deadline cut it
+        if isinstance(body, AgentReply):
+            return body  # a stream, read as it came
         try:
             return _parse_completion(body)
         except _Malformed as error:
@@ -179,19 +304,28 @@ class OpenAIAgent:
         self,
         session_id: str,
         conversation: list[ChatMessage],
+        max_output_tokens: int | None,
+        on_text: TextSink | None,
         deadline: float,
         watchdog: _Watchdog,
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, bytes | AgentReply]:
+        """(status, body); with `on_text`, the reply is asked for as a stream and, when
+        the server streams it, read as it comes: (status, the reply)."""
         import httpx
 
         headers = {"Accept-Encoding": "gzip, deflate"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        body = {
+        body: dict[str, Any] = {
             "model": self.model,
             "messages": [{"role": m.role, "content": m.content} for m in conversation],
             "user": session_id,
         }
+        if max_output_tokens is not None:  # the budget, in both spellings servers know
+            body["max_tokens"] = body["max_completion_tokens"] = max_output_tokens
+        if on_text is not None:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
         url = self.base_url.rstrip("/") + "/chat/completions"
         with (
             httpx.Client(timeout=httpx.Timeout(self.timeout)) as client,
@@ -200,6 +334,14 @@ class OpenAIAgent:
             ) as response,
         ):
             encoding = response.headers.get("content-encoding", "")
+            streamed = "text/event-stream" in response.headers.get("content-type", "")
+            if on_text is not None and streamed and response.status_code < 400:
+                pieces = _decoded_chunks(response.iter_raw(), encoding, 1 << 62, deadline)
+                most = self.max_reply_chars  # read no further than the reply bound
+                if max_output_tokens is not None:  # nor than the budget
+                    most = min(most, 4 * max_output_tokens)
+                reader = _StreamedReply(on_text, most, self.max_body_bytes)
+                return response.status_code, reader.read(pieces)
             data = _decoded_body(response.iter_raw(), encoding, self.max_body_bytes, deadline)
             return response.status_code, data
 

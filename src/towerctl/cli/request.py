@@ -43,6 +43,30 @@ def _reply_text(text: str) -> str:
     return for_terminal(text) if sys.stdout.isatty() else text
 
 
+class _Shown:
+    """A reply shown on the terminal as it arrives, through the terminal sanitiser; a
+    trailing newline is held back (the reply's own line ends when it is complete)."""
+
+    def __init__(self) -> None:
+        self.text = ""  # every piece shown (raw)
+        self._held = ""
+
+    def __call__(self, piece: str) -> None:
+        self.text += piece
+        piece, self._held = self._held + piece, ""
+        if piece.endswith("\n"):
+            piece, self._held = piece[:-1], "\n"
+        sys.stdout.write(_reply_text(piece))
+        sys.stdout.flush()
+
+    def finish(self, result: str | None) -> None:
+        """After the write: the part of the reply not shown yet, and the line's end."""
+        rest = result or ""
+        rest = rest[len(self.text) :] if rest.startswith(self.text) else ""
+        sys.stdout.write(_reply_text(rest) + "\n" if result is not None or self.text else "")
+        sys.stdout.flush()
+
+
 def _reader_gone() -> bool:
     """Whether nobody reads stdout any more, asked before a batch line's agent is called.
 
@@ -107,6 +131,11 @@ def request(
     batch: bool = typer.Option(
         False, "--batch", help='Read NDJSON requests ({"message", "idempotencyKey"}) from stdin.'
     ),
+    no_stream: bool = typer.Option(
+        False,
+        "--no-stream",
+        help="On a terminal, wait for the whole reply instead of showing it as it comes.",
+    ),
     as_json: bool = json_option(
         "Print the outcome as JSON: every recorded outcome (complete, rejected, failed), "
         'whatever the exit code; an error that records nothing prints {"error": {...}}.'
@@ -159,6 +188,7 @@ def request(
     request_rules.validate_message(text, limits)
     request_rules.validate_idempotency_key(idempotency_key)
     conn, sid = authorized_session(ctx, session_id, macaroon, macaroon_file, "request")
+    live = _Shown() if not (as_json or no_stream) and sys.stdout.isatty() else None
     try:
         outcome = session_requests.run_request(
             conn,
@@ -168,13 +198,22 @@ def request(
             idempotency_key=idempotency_key,
             pricing=pricing,
             limits=limits,
+            on_text=live,
         )
     except NotServed as refused:  # not recorded (paused, expired, busy...): say so in JSON too
+        if live is not None and live.text:
+            live.finish(None)
         if as_json:
             print_json(session_requests.unrecorded_refusal(sid, str(refused)))
         raise
+    except Exception:
+        if live is not None and live.text:
+            live.finish(None)  # the line shown so far ends; the error follows on stderr
+        raise
     if as_json:
         print_json(outcome.as_json())
+    elif live is not None:
+        live.finish(outcome.result if outcome.state == "complete" else None)
     elif outcome.state == "complete":
         sys.stdout.write(_reply_text(outcome.result or "") + "\n")
     if outcome.state == "rejected":

@@ -69,6 +69,7 @@ class RequestOutcome:
     input_tokens: int
     output_tokens: int
     replayed: bool = False
+    truncated: bool = False  # cut at the budget (SPEC 15)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -83,6 +84,7 @@ class RequestOutcome:
             "inputTokens": self.input_tokens,
             "outputTokens": self.output_tokens,
             "replayed": self.replayed,
+            "truncated": self.truncated,
             "exitCode": int(self.exit_code),
         }
 
@@ -198,4 +200,5 @@ def _recorded(
         balance_remaining=balance_after,
         input_tokens=params["in"],
         output_tokens=params["out"],
+        truncated=reply.truncated and reply.state == "complete",
     )

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 from decimal import ROUND_CEILING, Decimal
+from fractions import Fraction
 from typing import IO
 
 from towerctl import bounds
@@ -37,6 +38,40 @@ def cost_sats(pricing: Pricing, input_tokens: int, output_tokens: int) -> int:
         * Decimal(str(pricing.margin))
     )
     return pricing.eval_fee_sats + int(variable.to_integral_value(rounding=ROUND_CEILING))
+
+
+def output_budget(
+    pricing: Pricing, balance: int, input_tokens: int, most: int = MAX_REPORTED_TOKENS
+) -> int:
+    """The most output tokens the balance buys after the minimum cost (SPEC 6): the
+    largest `out` with cost_sats(input, out) <= balance, at most `most` (a free price
+    buys without end); 0 when even no output is more than the balance.
+
+    eval fee + ceil(x) <= balance  <=>  x <= balance - eval fee (an integer), with
+    x = (input + out) x rate, so out = floor((balance - fee) / rate) - input, exact in
+    fractions (the decimal cost is exact too)."""
+    room = balance - pricing.eval_fee_sats
+    if room < 0:
+        return 0
+    rate = (
+        Fraction(Decimal(str(pricing.sats_per_1k_tokens)))
+        * Fraction(Decimal(str(pricing.margin)))
+        / 1000
+    )
+    if rate == 0:
+        return most
+    budget = max(0, min(most, math.floor(room / rate) - input_tokens))
+    while budget > 0 and cost_sats(pricing, input_tokens, budget) > balance:
+        budget -= 1  # never reached while the two are exact; kept as the rule's guard
+    return budget
+
+
+def cut_to_budget(text: str, budget: int) -> tuple[str, bool]:
+    """The reply as served: no more than `budget` tokens as counted here (ceil(chars/4)),
+    so at most budget x 4 characters; and whether anything was cut."""
+    if tokens(text) <= budget:
+        return text, False
+    return text[: budget * 4], True
 
 
 def context_window(

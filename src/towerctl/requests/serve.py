@@ -5,8 +5,11 @@ and give the lease back, in ONE transaction (one function call).
 Money rules (SPEC 6, formulas in `request_rules`):
 - a request whose minimum cost (no output) exceeds the balance is `rejected`,
   debits nothing and pauses the session;
-- completed work is charged up to the balance, never below zero; a session left
-  with less than `eval fee + 1` sat is paused; rejected and failed debit nothing.
+- the agent is told the most output tokens the balance buys after the minimum cost
+  (`output_budget`) and its reply is cut there: completed work is charged its whole
+  cost, which never exceeds the balance; a budget of zero tokens is refused as above;
+  a session left with less than `eval fee + 1` sat is paused; rejected, failed and
+  empty replies debit nothing.
 
 At most one request per session is in flight: the session row's lease (`lease`)
 is taken, in the same call as the reads the request needs (0012's
@@ -25,7 +28,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from towerctl.agents import Agent, AgentReply, ChatMessage
+from towerctl.agents import Agent, AgentReply, ChatMessage, TextSink
 from towerctl.config import Pricing, RequestLimits
 from towerctl.errors import BadInput, NotServed
 from towerctl.requests.lease import SessionLease, hold_seconds
@@ -34,7 +37,9 @@ from towerctl.requests.rules import (
     bounded_reply,
     context_window,
     cost_sats,
+    cut_to_budget,
     message_digest,
+    output_budget,
     plausible,
     tokens,
     validate_idempotency_key,
@@ -94,9 +99,11 @@ def run_request(
     pricing: Pricing | None = None,
     limits: RequestLimits | None = None,
     kept: KeptLease | None = None,
+    on_text: TextSink | None = None,
 ) -> RequestOutcome:
     """Serve one request on a session (the caller has authorised it); `kept`: a batch's
-    lease, which the write keeps for the next request (the batch gives it back)."""
+    lease, which the write keeps for the next request (the batch gives it back);
+    `on_text`: shown the reply as it arrives (within the budget), before the write."""
     pricing = pricing or Pricing()
     limits = limits or RequestLimits()
     validate_message(message, limits)
@@ -128,7 +135,9 @@ def run_request(
             raise NotServed(f"session {session_id} is {state.replace('_', ' ')}")
         if state == "paused":
             raise NotServed(f"session {session_id} is paused", hint="top it up to resume")
-        return _serve(conn, lease, message, agent, key, recent, balance, pricing, limits, kept)
+        return _serve(
+            conn, lease, message, agent, key, recent, balance, pricing, limits, kept, on_text
+        )
     except BaseException:
         with contextlib.suppress(Exception):  # the first error is the one to report
             lease.release()  # the lease runs out on its own if this fails
@@ -146,12 +155,17 @@ def _serve(
     pricing: Pricing,
     limits: RequestLimits,
     kept: KeptLease | None,
+    on_text: TextSink | None = None,
 ) -> RequestOutcome:
-    """The context, the minimum-cost check, the agent and the write, under the lease."""
+    """The context, the minimum-cost check, the agent and the write, under the lease.
+
+    The agent is told its budget (what the balance buys after the minimum cost) and its
+    reply is cut there, so a completed request's cost never exceeds the balance."""
     context = context_window(recent, limits)
     conversation = [*context, ChatMessage("user", message)]
     input_tokens = sum(tokens(m.content) for m in conversation)
     minimum = cost_sats(pricing, input_tokens, 0)
+    budget = output_budget(pricing, balance, input_tokens, _most_tokens(limits))
     common: dict[str, Any] = {
         "agent": agent.name,
         "key": key,
@@ -159,10 +173,11 @@ def _serve(
         "context": limits.context_messages,
         "kept": kept,
     }
-    if minimum > balance:
+    if minimum > balance or budget == 0:
         reason = (
             f"insufficient balance: this request costs at least {minimum} sats "
             f"and the session holds {balance}"
+            + ("" if minimum > balance else ", which buys no output")
         )
         return record(
             conn,
@@ -175,10 +190,17 @@ def _serve(
             pause=True,
             **common,
         )
-    reply = bounded_reply(agent.answer(str(lease.session_id), conversation), limits)
-    estimate = tokens(reply.text) if reply.state == "complete" else 0
-    input_tokens = plausible(reply.input_tokens, input_tokens)
-    output_tokens = plausible(reply.output_tokens, estimate)
+    sink = None if on_text is None else _within(on_text, budget * 4)
+    reply = agent.answer(str(lease.session_id), conversation, budget, sink)
+    reply = bounded_reply(reply, limits)  # past the reply bound: failed, before any cut
+    if reply.state == "complete" and not reply.text.strip():
+        reply = AgentReply("failed", "agent's reply is empty")  # no answer: nothing charged
+    elif reply.state == "complete":
+        text, cut = cut_to_budget(reply.text, budget)
+        reply = AgentReply(
+            "complete", text, reply.input_tokens, reply.output_tokens, reply.truncated or cut
+        )
+    input_tokens, output_tokens = _charged_tokens(pricing, balance, input_tokens, budget, reply)
     return record(
         conn,
         lease,
@@ -190,3 +212,38 @@ def _serve(
         pause=False,
         **common,
     )
+
+
+def _most_tokens(limits: RequestLimits) -> int:
+    """No budget is larger than the longest reply that can be stored."""
+    return tokens("x" * limits.max_reply_chars)
+
+
+def _within(on_text: TextSink, most_chars: int) -> TextSink:
+    """`on_text`, shown no more than the first `most_chars` characters (the budget)."""
+    shown = 0
+
+    def show(piece: str) -> None:
+        nonlocal shown
+        piece = piece[: max(0, most_chars - shown)]
+        if piece:
+            shown += len(piece)
+            on_text(piece)
+
+    return show
+
+
+def _charged_tokens(
+    pricing: Pricing, balance: int, counted_in: int, budget: int, reply: AgentReply
+) -> tuple[int, int]:
+    """(input, output) tokens a reply is charged for: the agent's reported usage when it
+    is plausible, never beyond what the balance buys (a reported input that leaves no
+    room is replaced by the count the budget was made from; the output by the budget
+    for that input), so cost <= balance and the debit is the whole cost."""
+    if reply.state != "complete":
+        return plausible(reply.input_tokens, counted_in), 0
+    input_tokens = plausible(reply.input_tokens, counted_in)
+    if cost_sats(pricing, input_tokens, 0) > balance:
+        input_tokens = counted_in
+    room = output_budget(pricing, balance, input_tokens, budget)
+    return input_tokens, min(plausible(reply.output_tokens, tokens(reply.text)), room)
