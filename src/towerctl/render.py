@@ -134,6 +134,23 @@ def table_cell(content: str, cut: int) -> str:
     return f"{shown}{cut_marker(cut)}" if cut else shown
 
 
+def _console(out: Any, *, color: bool, width: int) -> Any:
+    """A rich console writing to `out`: colour only when asked, no markup, emoji or
+    highlighting of its own (the text is outside text, shown as it is)."""
+    from rich.console import Console
+
+    return Console(
+        file=cast(IO[str], out),
+        width=width,
+        color_system="auto" if color else None,
+        no_color=not color,
+        highlight=False,
+        emoji=False,
+        markup=False,
+        force_terminal=color,
+    )
+
+
 def write_transcript_table(
     messages: Iterable[Any],
     out: TextOut,
@@ -150,19 +167,9 @@ def write_transcript_table(
     at all when there are no messages.
     """
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(
-        file=cast(IO[str], out),
-        width=width,
-        color_system="auto" if color else None,
-        no_color=not color,
-        highlight=False,
-        emoji=False,
-        markup=False,
-        force_terminal=color,
-    )
+    console = _console(out, color=color, width=width)
     role_style = {"user": "bold cyan", "assistant": "bold green"}
 
     def new_table(header: bool) -> Table:
@@ -251,19 +258,9 @@ def write_bar_chart(bars: list[tuple[str, int]], out: TextOut, *, color: bool, w
     """One horizontal bar per (label, value), scaled to the largest (rich, for a terminal)."""
     from rich import box
     from rich.bar import Bar
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(
-        file=cast(IO[str], out),
-        width=width,
-        color_system="auto" if color else None,
-        no_color=not color,
-        highlight=False,
-        emoji=False,
-        markup=False,
-        force_terminal=color,
-    )
+    console = _console(out, color=color, width=width)
     top = max((v for _, v in bars), default=0) or 1
     table = Table(box=box.SIMPLE, show_header=False, pad_edge=False, expand=True)
     table.add_column("period", no_wrap=True)
