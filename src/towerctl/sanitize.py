@@ -128,33 +128,13 @@ def escape_json_text(document: str) -> str:
     return _HIDDEN_IN_JSON.sub(_json_escape, document)
 
 
-def _hidden_utf8_pattern() -> re.Pattern[bytes]:
-    alternatives = []
-    for first, last in HIDDEN_RANGES:
-        for code in range(first, last + 1):
-            if code < 0x20:
-                continue  # never raw inside a valid JSON document
-            alternatives.append(re.escape(chr(code).encode("utf-8")))
-    return re.compile(b"|".join(alternatives))
-
-
-_HIDDEN_UTF8: re.Pattern[bytes] | None = None
-
-
 def escape_json_bytes(document: bytes) -> bytes:
-    """`escape_json_text` for UTF-8 bytes (COPY output); fast when there is nothing to do."""
-    global _HIDDEN_UTF8
-    if _HIDDEN_UTF8 is None:
-        _HIDDEN_UTF8 = _hidden_utf8_pattern()
-    return _HIDDEN_UTF8.sub(
-        lambda m: _json_escape_bytes(m.group()),
-        document,
-    )
-
-
-def _json_escape_bytes(raw: bytes) -> bytes:
-    code = ord(raw.decode("utf-8"))
-    if code < 0x10000:
-        return f"\\u{code:04x}".encode()
-    code -= 0x10000
-    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}".encode()
+    """`escape_json_text` for UTF-8 bytes (COPY output): ASCII without DEL passes as it
+    is; anything else is decoded once and escaped with the same character class."""
+    if document.isascii() and b"\x7f" not in document:
+        return document
+    try:
+        text = document.decode("utf-8")
+    except UnicodeDecodeError:  # never from a UTF-8 server; escape what decodes
+        text = document.decode("utf-8", "replace")
+    return escape_json_text(text).encode("utf-8")

@@ -15,10 +15,10 @@ from towerctl import bounds
 from towerctl.errors import BadInput
 from towerctl.render import json_text
 from towerctl.sanitize import escape_json_text
-from towerctl.store import Store
 
 if TYPE_CHECKING:
     from towerctl.db import Connection
+    from towerctl.store import Store
 
 TOKEN_LIKE_CHARS = 32  # shorter text is never a usable macaroon (real ones are 100+)
 
@@ -59,6 +59,10 @@ def store(ctx: typer.Context) -> Store:
     """The command's way to the database (one per invocation, closed when it ends)."""
     shared = state(ctx)
     if shared.store is None:
+        # The store brings the database client and the token code: loaded when a command
+        # reaches the database, not for help, completion or a usage error.
+        from towerctl.store import Store
+
         shared.store = Store(shared.database_url, shared.read_database_url)
         ctx.find_root().call_on_close(shared.store.close)
     return shared.store
