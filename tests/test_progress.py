@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 
 import faults
 from conftest import CLI, open_session
-from terminal import read_pty, run_on_pty
+from terminal import emulate, read_pty, run_on_pty
 
 
 def slow_migrations(folder: Path, count: int = 30) -> Path:
@@ -40,6 +41,11 @@ def test_migrate_shows_progress_on_a_terminal(
     assert screen.exit_code == 0, screen.text
     assert "applying migrations" in screen.text
     assert "applied 30 migrations" in screen.text
+    # As a person sees it: the bar redraws in place, ends whole, and no code shows as text.
+    shown = emulate(screen.text.encode(), 120)
+    assert shown.row_with("applied 30 migrations")
+    assert re.search(r"(\\x1b|\x1b)?\[[0-9;]*m", shown.text) is None, shown.text
+    assert len([line for line in shown.lines if "applying migrations" in line]) <= 1
 
 
 @pytest.mark.timeout(120)

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import CLI, OpenedSession, assert_store_consistent, open_session
 from expired_histories import seed_expired as seed
-from terminal import run_on_pty
+from terminal import emulate, read_pty, run_on_pty
 from towerctl.errors import ExitCode
 
 TOWERCTL = [sys.executable, "-m", "towerctl"]
@@ -260,3 +260,37 @@ def test_on_a_terminal_it_asks_and_shows_progress(
     assert "purging" in screen.text
     assert "deleted 40 messages of 2 sessions" in screen.text
     assert message_counts(conn) == {}
+
+
+@pytest.mark.timeout(60)
+def test_the_prompt_stays_on_the_screen_answered(
+    conn: psycopg.Connection, tower_env: dict[str, str]
+) -> None:
+    """Answered as a person does (after reading the question): the screen keeps the
+    question with its answer, then the outcome; the progress bar leaves no trace."""
+    seed(conn, sessions=2, requests=10)
+    env = {k: v for k, v in (os.environ | tower_env).items() if k != "NO_COLOR"}
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(
+            [*TOWERCTL, "session", "purge", "--expired-for", "7d"],
+            env={**env, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"},
+            stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        )  # fmt: skip
+    finally:
+        os.close(slave)
+    try:
+        data = read_pty(master, 30, until=lambda seen: b"[y/N]" in seen)
+        os.write(master, b"y\n")
+        data += read_pty(master, 30, proc=proc)
+        assert proc.wait(timeout=30) == ExitCode.OK
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    shown = emulate(data, 120)
+    prompt = shown.row_with("Delete 40 messages")
+    assert prompt.strip().endswith("[y/N]: y"), shown.text
+    assert shown.row_with("deleted 40 messages of 2 sessions")
+    assert "purging" not in shown.text  # transient: gone once done
