@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlencode
 
@@ -142,13 +143,16 @@ def pin_settings(conn: psycopg.Connection) -> None:
 
 # The statement that turns the timeouts off runs under them: a tiny imposed
 # statement_timeout cancels it, a tiny transaction_timeout ends the connection, on a
-# busy server. Nothing was set then; connect and try again, a few times.
-PIN_ATTEMPTS = 5
+# busy server. Nothing was set then; connect and try again (a server that is really
+# gone refuses the new connection at once).
+PIN_ATTEMPTS = 20
 PIN_RETRIED = ("57014", "25P03", "25P04")  # query_canceled, idle-in-transaction, transaction
 
 
-def _pin_failed_by_a_timeout(error: BaseException) -> bool:
-    return getattr(error, "sqlstate", None) in PIN_RETRIED or "timeout" in str(error)
+def _pin_failed_by_a_timeout(error: BaseException, conn: psycopg.Connection) -> bool:
+    """A timeout cancelled the pinning statement, or ended the connection (a FATAL for
+    transaction_timeout often reaches libpq only as the connection closed)."""
+    return getattr(error, "sqlstate", None) in PIN_RETRIED or "timeout" in str(error) or conn.broken
 
 
 def _open(url: str, application_name: str) -> psycopg.Connection:
@@ -193,9 +197,11 @@ def connect(url: str, *, application_name: str = "towerctl") -> psycopg.Connecti
                 pin_settings(conn)
                 break
             except psycopg.Error as error:
+                retry = _pin_failed_by_a_timeout(error, conn)
                 conn.close()
-                if attempt == PIN_ATTEMPTS - 1 or not _pin_failed_by_a_timeout(error):
+                if attempt == PIN_ATTEMPTS - 1 or not retry:
                     raise
+                time.sleep(0.001 * attempt)  # let the server's other work pass
                 conn = _open(url, application_name)
             except BaseException:
                 conn.close()
