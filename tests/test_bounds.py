@@ -209,7 +209,8 @@ def test_misspelt_idempotency_key_twice_charges_nothing(cli: CLI, db_url: str) -
         result = request(cli, s, "--batch", input=line)
         assert result.exit_code == ExitCode.BAD_INPUT
         assert "line 1: unknown key 'idempotency_key'" in result.stderr
-        assert result.stdout == ""
+        [error] = [json.loads(line) for line in result.stdout.splitlines()]
+        assert error["error"]["line"] == 1 and error["error"]["exitCode"] == 2
     assert (requests_recorded(db_url), debits(db_url)) == (0, 0)
 
 

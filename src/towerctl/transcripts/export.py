@@ -159,9 +159,10 @@ class _Counter:
 class Blocks:
     """Bytes gathered into blocks of whole rows, escaped, then written to `out`.
 
-    JSON blocks pass through `escape_json_bytes` (DEL, C1, bidi and zero-width
-    characters as `\\uXXXX`; PostgreSQL's `to_json` escapes C0 already). With `visible`
-    every block passes through `for_terminal` as well.
+    JSON rows pass through `escape_json_bytes` (DEL, C1, bidi and zero-width
+    characters as `\\uXXXX`; PostgreSQL's `to_json` escapes C0 already) one by one as
+    they are added, so the rows of plain ASCII (most) are passed over in C and only
+    the others are searched. With `visible` every block passes through `for_terminal`.
     """
 
     def __init__(self, out: BinaryOut, *, json_escape: bool, visible: bool) -> None:
@@ -181,7 +182,7 @@ class Blocks:
         )
 
     def add(self, data: bytes | bytearray | memoryview) -> None:
-        self.buffer += data
+        self.buffer += escape_json_bytes(bytes(data)) if self.json_escape else data
         if len(self.buffer) >= BLOCK_BYTES:
             self.flush()
 
@@ -190,8 +191,6 @@ class Blocks:
             return
         block = bytes(self.buffer)
         self.buffer.clear()
-        if self.json_escape:
-            block = escape_json_bytes(block)
         if self.visible:
             block = for_terminal(block.decode("utf-8", "replace")).encode("utf-8")
         self.out.write(block)
