@@ -40,6 +40,10 @@ WAYS = ["alter_database", "alter_role_in_database", "pgoptions"]
 
 
 def _apply(way: str, name: str, value: str, db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if name == "transaction_timeout":
+        with psycopg.connect(direct(db_url), autocommit=True) as admin:
+            if admin.info.server_version < 170000:  # PGOPTIONS naming it refuses the login
+                pytest.skip("transaction_timeout is PostgreSQL 17's")
     if way == "pgoptions":
         monkeypatch.setenv("PGOPTIONS", f"-c {name}={value.replace(' ', '')}")
         return
@@ -50,8 +54,6 @@ def _apply(way: str, name: str, value: str, db_url: str, monkeypatch: pytest.Mon
         else sql.SQL("ROLE CURRENT_USER IN DATABASE {}").format(sql.Identifier(dbname))
     )
     with psycopg.connect(direct(db_url), autocommit=True) as admin:
-        if name == "transaction_timeout" and admin.info.server_version < 170000:
-            pytest.skip("transaction_timeout is PostgreSQL 17's")
         admin.execute(
             sql.SQL("ALTER {} SET {} = {}").format(target, sql.Identifier(name), sql.Literal(value))
         )
