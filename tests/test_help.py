@@ -120,3 +120,8 @@ def test_completion_help_keeps_each_install_line_whole(cli: CLI) -> None:
         shown = [row.strip() for row in text.splitlines() if row.strip().startswith(line)]
         assert len(shown) == 1, (shell, text)
         assert shown[0].endswith(("towerctl", '_towerctl"', "towerctl.fish")), shown
+
+
+def test_request_help_says_json_prints_every_recorded_outcome(cli: CLI) -> None:
+    text = " ".join(cli("session", "request", "--help").stdout.split())
+    assert "every recorded outcome (complete, rejected, failed)" in text

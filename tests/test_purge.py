@@ -294,3 +294,12 @@ def test_the_prompt_stays_on_the_screen_answered(
     assert prompt.strip().endswith("[y/N]: y"), shown.text
     assert shown.row_with("deleted 40 messages of 2 sessions")
     assert "purging" not in shown.text  # transient: gone once done
+
+
+@pytest.mark.timeout(60)
+def test_nothing_to_delete_asks_nothing(tower_env: dict[str, str]) -> None:
+    env = {k: v for k, v in (os.environ | tower_env).items() if k != "NO_COLOR"}
+    screen = run_on_pty(["session", "purge", "--expired-for", "7d"], env=env)
+    assert screen.exit_code == ExitCode.OK, screen.text
+    assert "Delete" not in screen.text and "[y/N]" not in screen.text
+    assert "deleted 0 messages of 0 sessions" in screen.text

@@ -158,6 +158,12 @@ def test_every_read_screen_shows_words_not_codes(
         assert screen.text.strip(), args
         assert_no_code_as_text(screen)
         assert screen.title == ""
+    piped = subprocess.run(
+        [*TOWERCTL, *args], env=colour_env(tower_env), capture_output=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert piped.returncode == ExitCode.OK and piped.stdout.strip()
+    assert b"\x1b" not in piped.stdout + piped.stderr  # plain text on a pipe
 
 
 def test_session_show_on_a_terminal(chat: OpenedSession, tower_env: dict[str, str]) -> None:
