@@ -149,3 +149,17 @@ def run_on_screen(
     """towerctl `args` on a pty, and the screen a terminal would show afterwards."""
     done = run_on_pty(args, env, timeout, columns=columns, stdin_closed=True)
     return done.exit_code, emulate(done.text.encode("utf-8"), columns)
+
+
+def start_on_pty(args: Sequence[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+    """towerctl `args` under way with stdin, stdout and stderr on a pty; returns the
+    process and the pty's master side (the caller reads, answers and closes it)."""
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.Popen(
+            [*TOWERCTL, *args], env=env, stdin=slave, stdout=slave, stderr=slave,
+            start_new_session=True,
+        )  # fmt: skip
+    finally:
+        os.close(slave)
+    return proc, master

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import CLI, OpenedSession, assert_store_consistent, open_session
 from expired_histories import seed_expired as seed
-from terminal import emulate, read_pty, run_on_pty
+from terminal import emulate, read_pty, run_on_pty, start_on_pty
 from towerctl.errors import ExitCode
 
 TOWERCTL = [sys.executable, "-m", "towerctl"]
@@ -270,15 +270,10 @@ def test_the_prompt_stays_on_the_screen_answered(
     question with its answer, then the outcome; the progress bar leaves no trace."""
     seed(conn, sessions=2, requests=10)
     env = {k: v for k, v in (os.environ | tower_env).items() if k != "NO_COLOR"}
-    master, slave = os.openpty()
-    try:
-        proc = subprocess.Popen(
-            [*TOWERCTL, "session", "purge", "--expired-for", "7d"],
-            env={**env, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"},
-            stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-        )  # fmt: skip
-    finally:
-        os.close(slave)
+    proc, master = start_on_pty(
+        ["session", "purge", "--expired-for", "7d"],
+        {**env, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"},
+    )
     try:
         data = read_pty(master, 30, until=lambda seen: b"[y/N]" in seen)
         os.write(master, b"y\n")

@@ -20,7 +20,7 @@ import pytest
 
 import faults
 from conftest import CLI, OpenedSession, open_session
-from terminal import TOWERCTL, Emulated, emulate, read_pty, run_on_screen
+from terminal import TOWERCTL, Emulated, emulate, read_pty, run_on_screen, start_on_pty
 from towerctl.errors import ExitCode
 
 pytestmark = pytest.mark.timeout(90)
@@ -201,18 +201,6 @@ def pager_env(tower_env: dict[str, str], **extra: str) -> dict[str, str]:
         env.pop(name, None)
     env["LESSHISTFILE"] = "-"
     return {**env, **extra}
-
-
-def start_on_pty(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
-    master, slave = os.openpty()
-    try:
-        proc = subprocess.Popen(
-            [*TOWERCTL, *args], env=env, stdin=slave, stdout=slave, stderr=slave,
-            start_new_session=True,
-        )  # fmt: skip
-    finally:
-        os.close(slave)
-    return proc, master
 
 
 def test_long_output_on_a_terminal_goes_through_the_pager_and_q_ends_it(
