@@ -52,8 +52,9 @@ def openai_server(behaviour: dict[str, Any]) -> Iterator[tuple[str, list[dict[st
 
     behaviour: "reply", "usage", "status", "body" (a JSON value), "delay" (seconds before
     answering), and for misbehaving: "raw" (body bytes sent as they are), "encoding"
-    (a Content-Encoding header), "drip" (seconds between single bytes of the answer,
-    headers included), "endless" (a body of chunks that never ends; no length)."""
+    (a Content-Encoding header), "headers" (more header lines), "drip" (seconds
+    between single bytes of the answer, headers included), "endless" (a body of
+    chunks that never ends; no length)."""
     received: list[dict[str, Any]] = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -84,6 +85,7 @@ def openai_server(behaviour: dict[str, Any]) -> Iterator[tuple[str, list[dict[st
                 )
                 data = json.dumps(payload).encode()
             head = [f"HTTP/1.1 {status} X", "Content-Type: application/json", "Connection: close"]
+            head.extend(behaviour.get("headers", []))
             if "encoding" in behaviour:
                 head.append(f"Content-Encoding: {behaviour['encoding']}")
             if behaviour.get("endless"):

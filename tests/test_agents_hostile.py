@@ -147,6 +147,19 @@ def test_openai_compressed_answer_is_read(cli: CLI, db_url: str) -> None:
         ({"usage": {"prompt_tokens": 1.5}}, "invalid prompt_tokens"),
         ({"usage": {"prompt_tokens": "7"}}, "invalid prompt_tokens"),
         ({"usage": [7]}, "usage that is not an object"),
+        (
+            {"status": 308, "raw": b"", "headers": ["Location: https://new.example/v1/x"]},
+            "a redirect to https://new.example/v1/x; towerctl does not follow redirects",
+        ),
+        (
+            {
+                "status": 301,
+                "raw": b"<html>moved</html>",
+                "headers": ["Location: http://h.example/v2/chat/completions"],
+            },
+            "(use openai:http://h.example/v2)",
+        ),
+        ({"status": 302, "raw": b"moved"}, "HTTP 302, a redirect without a Location"),
     ],
     ids=lambda v: str(v)[:40],
 )

@@ -306,3 +306,16 @@ def test_verify_json_says_what_the_token_allows(cli: CLI, session: OpenedSession
     refused = cli("macaroon", "verify", session.macaroon + "x", "--json")
     assert refused.exit_code == ExitCode.UNAUTHORIZED
     assert json.loads(refused.stdout)["error"]["exitCode"] == ExitCode.UNAUTHORIZED
+
+
+def test_third_party_caveat_is_named_as_such(cli: CLI, session: OpenedSession) -> None:
+    """A caveat for another service to discharge is refused for what it is, not as a
+    forgery; even one whose id reads like a caveat towerctl knows."""
+    m = Macaroon.deserialize(session.macaroon)
+    m.add_third_party_caveat("https://auth.example", "k" * 32, "scope = read")
+    token = str(m.serialize()).rstrip("=")
+    result = cli("macaroon", "verify", token)
+    assert result.exit_code == ExitCode.UNAUTHORIZED
+    assert "third-party caveat" in result.stderr
+    assert "signature" not in result.stderr
+    assert token not in result.stderr

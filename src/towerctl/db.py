@@ -72,12 +72,15 @@ def classify(error: BaseException) -> TowerError | None:
     psycopg = sys.modules.get("psycopg")
     if psycopg is None or not isinstance(error, psycopg.Error):
         return None
-    if isinstance(
-        error,
-        psycopg.errors.UndefinedTable
-        | psycopg.errors.UndefinedColumn
-        | psycopg.errors.UndefinedFunction,
-    ):
+    if isinstance(error, psycopg.errors.UndefinedColumn | psycopg.errors.UndefinedFunction):
+        # The tables are there (a missing one is UndefinedTable), so the schema was
+        # changed outside towerctl, or belongs to another version of it.
+        return MigrationError(
+            f"the towerctl schema here lacks what this towerctl uses: {first_line(error)}",
+            hint="changed by hand or by another version of towerctl: restore what is "
+            "missing, or use the towerctl that matches the schema",
+        )
+    if isinstance(error, psycopg.errors.UndefinedTable):
         return MigrationError("the database has no towerctl schema (run 'towerctl migrate')")
     if isinstance(error, psycopg.errors.InsufficientPrivilege):
         return DatabaseUnreachable(

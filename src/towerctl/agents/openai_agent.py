@@ -333,6 +333,8 @@ class OpenAIAgent:
                 "POST", url, json=body, headers=headers, extensions={"trace": watchdog.trace}
             ) as response,
         ):
+            if 300 <= response.status_code < 400:
+                raise _Malformed(_redirect_reason(response.status_code, response.headers))
             encoding = response.headers.get("content-encoding", "")
             streamed = "text/event-stream" in response.headers.get("content-type", "")
             if on_text is not None and streamed and response.status_code < 400:
@@ -344,6 +346,21 @@ class OpenAIAgent:
                 return response.status_code, reader.read(pieces)
             data = _decoded_body(response.iter_raw(), encoding, self.max_body_bytes, deadline)
             return response.status_code, data
+
+
+def _redirect_reason(status: int, headers: Any) -> str:
+    """What a redirect says, so the operator can point the agent at the new address:
+    towerctl does not follow redirects (a POST with a bearer token goes only where
+    the operator sent it)."""
+    location = "".join(ch for ch in headers.get("location", "")[:300] if ch.isprintable())
+    if not location:
+        return f"agent answered HTTP {status}, a redirect without a Location"
+    base = location.removesuffix("/chat/completions")
+    hint = f" (use openai:{base})" if base != location else ""
+    return (
+        f"agent answered HTTP {status}, a redirect to {location}; towerctl does not "
+        f"follow redirects{hint}"
+    )
 
 
 def _unreachable_reason(error: BaseException) -> str:

@@ -223,6 +223,12 @@ def check_signature(ring: KeyRing, token: str, *, location: str = DEFAULT_LOCATI
             f"{known}: point TOWER_ROOT_KEY_FILE at the key that minted it, or list it in "
             "TOWER_OLD_ROOT_KEYS_FILE)"
         )
+    if any(caveat.third_party() for caveat in macaroon.caveats):
+        # A caveat only another service can discharge: towerctl checks first-party
+        # caveats alone and takes no discharge macaroons.
+        raise TokenRefused(
+            "carries a third-party caveat (towerctl accepts first-party caveats only)"
+        )
     for caveat in info.caveats:
         if not _known(caveat):
             raise TokenRefused("carries a caveat towerctl does not understand")
