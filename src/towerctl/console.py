@@ -18,6 +18,7 @@ def main() -> None:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the process's own stdout)
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the process's own stderr)
+    sys.stderr = _LossyStderr(sys.stderr)
     if sys.argv[1:] == ["--version"]:
         code = version()
     else:
@@ -27,6 +28,33 @@ def main() -> None:
     for stream in (sys.stdout, sys.stderr):
         _flush_or_silence(stream)
     sys.exit(code)
+
+
+class _LossyStderr:
+    """stderr whose failed writes (a full device, an I/O error) are dropped: a diagnostic
+    that cannot be written must not change the exit code the command chose."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            _silence(self._stream)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            _silence(self._stream)
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
 
 
 def version() -> int:
@@ -43,14 +71,19 @@ def version() -> int:
     return 0
 
 
-def _flush_or_silence(stream: TextIO) -> None:
+def _flush_or_silence(stream: TextIO | _LossyStderr) -> None:
     """Flush a standard stream; when that fails (a reader gone, a full device: `cli.run`
     has already chosen the exit code), point its descriptor at /dev/null so that the
     interpreter's own flush at exit is silent and leaves the exit code alone."""
     try:
         stream.flush()
     except Exception:
-        with contextlib.suppress(Exception):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, stream.fileno())
-            os.close(devnull)
+        _silence(stream)
+
+
+def _silence(stream: TextIO | _LossyStderr) -> None:
+    """Point the stream's descriptor at /dev/null: what is still buffered goes nowhere."""
+    with contextlib.suppress(Exception):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)

@@ -192,6 +192,18 @@ def _fail(message: str, code: int, *, json_wanted: bool = False) -> int:
     return code
 
 
+def _flushed(code: int) -> int:
+    """`code` once what was printed has left: a full device makes a success exit 10; a
+    reader gone changes nothing."""
+    try:
+        sys.stdout.flush()
+    except (StdoutClosed, BrokenPipeError):
+        _quiet_stdout()
+    except WriteFailed as failed:
+        return _fail(str(failed), int(failed.exit_code)) if code == ExitCode.OK else code
+    return code
+
+
 def _quiet_stdout() -> None:
     """After a broken pipe, point stdout at /dev/null so the interpreter's final flush is silent."""
     try:
@@ -270,13 +282,13 @@ def run(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a reader gone or a full device shows here: exit 0 or 10
     except TowerError as error:
         return _fail(hide_tokens(str(error), args), int(error.exit_code))
-    except typer.Exit as done:
-        return int(done.exit_code)
+    except typer.Exit as done:  # --help, or a command that chose its code
+        return _flushed(int(done.exit_code))
     except typer_adapter.NoArgsIsHelpError as bare:
         # `towerctl` or `towerctl session` alone: the help on stdout, exit 0 (as gh does).
         assert bare.ctx is not None
         sys.stdout.write(bare.ctx.get_help() + "\n")
-        return ExitCode.OK
+        return _flushed(ExitCode.OK)
     except typer.Abort:
         return _fail("aborted", 130)
     except typer_adapter.ClickException as error:  # usage errors from the parser

@@ -100,6 +100,11 @@ class PipeGuard:
         self.written = False  # whether the command has printed anything yet
 
     def write(self, data: Any) -> int:
+        if isinstance(data, str) and not data:
+            # Nothing to write (Click probes streams so): a stream that cannot take a
+            # write says so when there is something to write, not in a probe that
+            # swallows the error.
+            return 0
         self.written = self.written or bool(data)
         try:
             return int(self._stream.write(data))

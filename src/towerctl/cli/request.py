@@ -25,7 +25,7 @@ from towerctl.cli.session import (
     app,
     authorized_session,
 )
-from towerctl.cli.state import print_json, stdin_bytes
+from towerctl.cli.state import ended_by_signals, print_json, stdin_bytes
 from towerctl.config import Pricing, RequestLimits
 from towerctl.errors import AgentFailed, BadInput, NotServed, WriteFailed
 from towerctl.render import json_text
@@ -155,68 +155,73 @@ def request(
     reads_stdin = batch or message in (None, "-")
     if reads_stdin and "-" in (macaroon, macaroon_file):
         raise BadInput("stdin cannot carry both the macaroon and the request")
-    if batch:
-        if message is not None or idempotency_key is not None:
-            raise BadInput("--batch reads messages and keys from stdin; give neither on the line")
+    with ended_by_signals():  # the lease given back, an exec agent's processes ended
+        if batch:
+            if message is not None or idempotency_key is not None:
+                raise BadInput(
+                    "--batch reads messages and keys from stdin; give neither on the line"
+                )
+            conn, sid = authorized_session(ctx, session_id, macaroon, macaroon_file, "request")
+            lines = bounds.BoundedLines(stdin_bytes(), limits.batch_line_bytes)
+            with progress("answering requests", stdout_free=True) as shown:
+                answered = 0
+
+                def emit(outcome: dict[str, object]) -> None:
+                    nonlocal answered
+                    _emit_line(outcome)
+                    answered += 1
+                    if shown is not None:
+                        shown(answered, None)
+
+                batches.run_batch(
+                    conn,
+                    sid,
+                    lines,
+                    chosen,
+                    emit,
+                    reader_gone=_reader_gone,
+                    pricing=pricing,
+                    limits=limits,
+                )
+            return
+        text = (
+            message
+            if message not in (None, "-")
+            else request_rules.read_message(stdin_bytes(), limits)
+        )
+        assert text is not None
+        request_rules.validate_message(text, limits)
+        request_rules.validate_idempotency_key(idempotency_key)
         conn, sid = authorized_session(ctx, session_id, macaroon, macaroon_file, "request")
-        lines = bounds.BoundedLines(stdin_bytes(), limits.batch_line_bytes)
-        with progress("answering requests", stdout_free=True) as shown:
-            answered = 0
-
-            def emit(outcome: dict[str, object]) -> None:
-                nonlocal answered
-                _emit_line(outcome)
-                answered += 1
-                if shown is not None:
-                    shown(answered, None)
-
-            batches.run_batch(
+        live = _Shown() if not (as_json or no_stream) and sys.stdout.isatty() else None
+        try:
+            outcome = session_requests.run_request(
                 conn,
                 sid,
-                lines,
+                text,
                 chosen,
-                emit,
-                reader_gone=_reader_gone,
+                idempotency_key=idempotency_key,
                 pricing=pricing,
                 limits=limits,
+                on_text=live,
             )
-        return
-    text = (
-        message if message not in (None, "-") else request_rules.read_message(stdin_bytes(), limits)
-    )
-    assert text is not None
-    request_rules.validate_message(text, limits)
-    request_rules.validate_idempotency_key(idempotency_key)
-    conn, sid = authorized_session(ctx, session_id, macaroon, macaroon_file, "request")
-    live = _Shown() if not (as_json or no_stream) and sys.stdout.isatty() else None
-    try:
-        outcome = session_requests.run_request(
-            conn,
-            sid,
-            text,
-            chosen,
-            idempotency_key=idempotency_key,
-            pricing=pricing,
-            limits=limits,
-            on_text=live,
-        )
-    except NotServed as refused:  # not recorded (paused, expired, busy...): say so in JSON too
-        if live is not None and live.text:
-            live.finish(None)
+        except NotServed as refused:  # not recorded (paused, expired, busy...): say so in JSON too
+            if live is not None and live.text:
+                live.finish(None)
+            if as_json:
+                print_json(session_requests.unrecorded_refusal(sid, str(refused)))
+            raise
+        except Exception:
+            if live is not None and live.text:
+                live.finish(None)  # the line shown so far ends; the error follows on stderr
+            raise
         if as_json:
-            print_json(session_requests.unrecorded_refusal(sid, str(refused)))
-        raise
-    except Exception:
-        if live is not None and live.text:
-            live.finish(None)  # the line shown so far ends; the error follows on stderr
-        raise
-    if as_json:
-        print_json(outcome.as_json())
-    elif live is not None:
-        live.finish(outcome.result if outcome.state == "complete" else None)
-    elif outcome.state == "complete":
-        sys.stdout.write(_reply_text(outcome.result or "") + "\n")
-    if outcome.state == "rejected":
-        raise NotServed(f"request rejected: {outcome.reason}")
-    if outcome.state == "failed":
-        raise AgentFailed(f"agent failed: {outcome.error_message}")
+            print_json(outcome.as_json())
+        elif live is not None:
+            live.finish(outcome.result if outcome.state == "complete" else None)
+        elif outcome.state == "complete":
+            sys.stdout.write(_reply_text(outcome.result or "") + "\n")
+        if outcome.state == "rejected":
+            raise NotServed(f"request rejected: {outcome.reason}")
+        if outcome.state == "failed":
+            raise AgentFailed(f"agent failed: {outcome.error_message}")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 import typer
 
 from towerctl import bounds
+from towerctl.cli.output import Terminated, signals_raise
 from towerctl.errors import BadInput
 from towerctl.render import json_text
 from towerctl.sanitize import escape_json_text
@@ -87,6 +89,22 @@ def print_json(value: Any) -> None:
 def note(message: str) -> None:
     """A diagnostic line on stderr (a token given on the command line is never echoed)."""
     sys.stderr.write(hide_tokens(message, ARGV) + "\n")
+
+
+@contextlib.contextmanager
+def ended_by_signals() -> Iterator[None]:
+    """Inside, every signal that would end the process ends it as Ctrl-C does: the work
+    in hand cleans up (files, leases, agents' processes, transactions), then one line on
+    stderr and exit 128 + the signal's number."""
+    try:
+        with signals_raise():
+            yield
+    except Terminated as ended:
+        note(f"towerctl: terminated ({ended.name})")
+        raise typer.Exit(ended.exit_code) from None
+    except KeyboardInterrupt:
+        note("towerctl: interrupted")
+        raise typer.Exit(130) from None
 
 
 def _token_text(raw: bytes, source: str) -> str:

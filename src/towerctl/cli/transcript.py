@@ -14,7 +14,7 @@ import typer
 from towerctl import auth, sessions, transcripts
 from towerctl.auth import keys
 from towerctl.cli.outfile import STDOUT, atomic_file, resolve_output
-from towerctl.cli.output import Terminated, binary_stdout, signals_raise, sigterm_raises
+from towerctl.cli.output import binary_stdout, sigterm_raises
 from towerctl.cli.pager import paged
 from towerctl.cli.params import (
     Role,
@@ -25,7 +25,7 @@ from towerctl.cli.params import (
 )
 from towerctl.cli.progress import progress
 from towerctl.cli.session import MACAROON_FILE_OPTION, MACAROON_OPTION, app, authorized_session
-from towerctl.cli.state import note, read_token, state, store
+from towerctl.cli.state import ended_by_signals, note, read_token, state, store
 from towerctl.config import RequestLimits
 from towerctl.errors import BadInput
 from towerctl.session_ids import SessionRef
@@ -92,7 +92,7 @@ def messages(
     selection = selection_of(sid)
     transcripts.check_selection(conn, selection)
     try:
-        with signals_raise():
+        with ended_by_signals():
             if target.path is None:
                 fd = 1 if target.fd is None else target.fd
                 on_terminal = binary_stdout(fd).isatty()
@@ -109,9 +109,6 @@ def messages(
                 options = export.Options(chosen, raw=raw)
                 with atomic_file(target.path) as handle, _progress_bar() as progress:
                     done = export.export(conn, selection, options, handle, progress=progress)
-    except Terminated as ended:
-        note(f"towerctl: terminated ({ended.name})")
-        raise typer.Exit(ended.exit_code) from None
     finally:
         target.close()
     if target.path is not None:
