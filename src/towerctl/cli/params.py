@@ -22,7 +22,7 @@ from towerctl.session_ids import SessionRef, parse
 from towerctl.units import MAX_SATS, parse_duration
 
 # The services' names (`sessions.STATES`, `transcripts.ROLES`) as types Typer parses;
-# tests/test_help.py checks that they stay the same.
+# tests/cli/test_help.py checks that they stay the same.
 SessionState = Literal["awaiting_payment", "active", "paused", "expired"]
 Role = Literal["user", "assistant"]
 

@@ -25,7 +25,7 @@ relies on these behaviours of its bundled Click, and on nothing else of it:
   (instruction, then shell) and `typer.completion.shell_complete` answers, one
   value a line for bash.
 
-tests/test_typer_adapter.py fails when a Typer release changes any of these.
+tests/cli/test_typer_adapter.py fails when a Typer release changes any of these.
 """
 
 from __future__ import annotations
