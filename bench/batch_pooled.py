@@ -29,9 +29,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
-from requests_batch import batch_message, pgbench_script  # noqa: E402
-
 import pgserver  # noqa: E402
+from requests_batch import batch_message, pgbench_script  # noqa: E402
 
 ROOT_KEY = "b2" * 32
 SEED_HISTORY = """

@@ -22,7 +22,6 @@ from harness import BenchBase, Opened
 from tools import (
     Server,
 )
-
 from towerctl.transcripts import MESSAGE_JSON, Format, Selection, copy_query
 
 

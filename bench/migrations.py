@@ -15,7 +15,6 @@ from common import (
     run_timed,
 )
 from harness import BenchBase
-
 from towerctl.migrations.files import NO_TRANSACTION_MARK
 
 

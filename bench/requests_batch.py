@@ -15,7 +15,6 @@ from common import (
     run_timed,
 )
 from harness import BenchBase
-
 from towerctl.config import Pricing
 from towerctl.requests import rules as request_rules
 

@@ -16,6 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 
 def exec_agent(folder: Path, name: str, body: str) -> str:
     """Write a Python program that reads the conversation JSON on stdin; return its --agent spec."""
@@ -179,3 +181,22 @@ def run_measured(args: list[str], stdin: str | None = None) -> tuple[int, float,
     )
     *stderr, peak = done.stderr.split("\n")
     return done.returncode, int(peak) / 1024, done.stdout, "\n".join(stderr).strip()
+
+
+def recorded(url: str) -> list[tuple[str, int]]:
+    """(state, debited_sats) of every request in the store, oldest first."""
+    with psycopg.connect(url) as c:
+        return c.execute("SELECT state, debited_sats FROM session_requests ORDER BY id").fetchall()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is gone for our purposes (its parent, the agent, was killed)
+    try:
+        with open(f"/proc/{pid}/stat") as proc_stat:
+            return proc_stat.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False

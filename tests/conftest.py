@@ -13,6 +13,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -34,6 +35,14 @@ ROOT_KEY_HEX = "a1" * 32
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--slow", action="store_true", help="run the long fault-injection variants")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell without job control starts a background job (`pytest &`, nohup) with SIGINT
+    # ignored, and every towerctl the tests start would inherit that: the tests that
+    # interrupt towerctl need the default disposition back.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -72,7 +72,7 @@ class Towerctl:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.wait()
+            self.proc.wait(timeout=30)
             raise
 
 

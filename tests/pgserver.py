@@ -56,6 +56,7 @@ def run_as_user() -> str | None:
             ["useradd", "--system", "--user-group", "--no-create-home", SERVER_USER],
             check=True,
             capture_output=True,
+            timeout=60,
         )
     return SERVER_USER
 
@@ -311,7 +312,7 @@ class PgBouncer:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
+                self.proc.wait(timeout=30)
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

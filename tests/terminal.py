@@ -83,7 +83,7 @@ def run_on_pty(
         shown = read_pty(master, timeout, proc=proc)
         if time.monotonic() >= deadline and proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(timeout=30)
             raise AssertionError(f"towerctl {args[:3]} did not finish on the pty in {timeout}s")
         code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:

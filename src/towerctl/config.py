@@ -6,8 +6,11 @@ environment variable named here, then the default.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,18 @@ def ensure_home(folder: Path | None = None) -> Path:
     path = home() if folder is None else folder
     private_folder(path, "TOWER_HOME")
     return path
+
+
+@contextmanager
+def exclusive_lock(path: Path, flags: int) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on `path`, opened with `flags` (a file it
+    creates is the user's, 0600), held for the block."""
+    fd = os.open(path, flags, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def private_folder(path: Path, what: str) -> None:

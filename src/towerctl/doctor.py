@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import psycopg
 
 from towerctl import migrations
 from towerctl.db import first_line
-
-if TYPE_CHECKING:
-    import psycopg
 
 SAMPLE = 5  # rows named in a failing check's detail
 
@@ -122,8 +120,6 @@ class Check:
 
 
 def _run_check(conn: psycopg.Connection, name: str, summary: str, sql: str) -> Check:
-    import psycopg
-
     try:
         rows = conn.execute(sql).fetchall()
     except psycopg.Error as error:

@@ -6,6 +6,7 @@ the caller, so tests can render into `io.StringIO`.
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -246,8 +247,6 @@ def csv_cell(value: Any) -> Any:
 
 
 def write_csv(headers: list[str], rows: Iterable[list[Any]], out: TextOut) -> None:
-    import csv
-
     writer = csv.writer(cast(IO[str], out), lineterminator="\n")
     writer.writerow(headers)
     for row in rows:

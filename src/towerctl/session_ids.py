@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from uuid import UUID
 
+from towerctl.auth import macaroons
 from towerctl.errors import BadInput, NotFound, Unauthorized
 
 if TYPE_CHECKING:
@@ -98,8 +99,6 @@ def resolve_for_token(ref: SessionRef | UUID, token: str | None) -> UUID | None:
         return ref
     if ref.full is not None:
         return ref.full
-    from towerctl.auth import macaroons
-
     try:
         named = macaroons.inspect(token).session_id if token else None
         claimed = UUID(named) if named else None

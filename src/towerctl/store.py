@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-from towerctl import auth, bounds, config, db, embedded, sessions
+from towerctl import auth, bounds, config, db, embedded, session_ids, sessions
 from towerctl.auth import keys
 from towerctl.errors import DatabaseUnreachable, Unauthorized
 
@@ -112,8 +112,6 @@ class Store:
         """The grant for `scope` on one session (exit 3 when the token does not allow it;
         exit 4 when there is no such session). A prefix of the id is resolved against the
         session the token names."""
-        from towerctl import session_ids
-
         conn = self.reader() if scope == "read" else self.primary()
         ring = keys.load_ring()
         resolved = session_ids.resolve_for_token(session_id, token)

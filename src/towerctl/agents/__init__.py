@@ -9,6 +9,8 @@ failures; a misconfigured agent spec is refused before anything is written.
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 
 from towerctl import bounds
 from towerctl.agents.base import (
@@ -22,6 +24,7 @@ from towerctl.agents.base import (
     agent_environment,
     clean,
 )
+from towerctl.agents.exec_agent import ExecAgent
 from towerctl.errors import BadInput
 
 __all__ = [
@@ -38,16 +41,6 @@ __all__ = [
 ]
 
 
-def _valid_http_url(text: str) -> bool:
-    import httpx
-
-    try:
-        url = httpx.URL(text)
-    except (httpx.InvalidURL, TypeError, ValueError):
-        return False
-    return url.scheme in ("http", "https") and bool(url.host)
-
-
 def agent_from_spec(
     spec: str | None,
     *,
@@ -59,12 +52,7 @@ def agent_from_spec(
     spec = (spec or os.environ.get("TOWER_AGENT") or "echo").strip()
     if spec == "echo":
         return EchoAgent()
-    if spec.startswith("exec:"):  # each agent's module is loaded only when it is used
-        import shlex
-        import shutil
-
-        from towerctl.agents.exec_agent import ExecAgent
-
+    if spec.startswith("exec:"):
         try:
             argv = tuple(shlex.split(spec[5:]))
         except ValueError as error:
@@ -75,10 +63,10 @@ def agent_from_spec(
             raise BadInput(f"--agent exec: program not found or not executable: {argv[0]}")
         return ExecAgent(argv, timeout, bounds.reply_output_bytes(max_reply_chars))
     if spec.startswith("openai:"):
-        from towerctl.agents.openai_agent import OpenAIAgent
+        from towerctl.agents.openai_agent import OpenAIAgent, valid_base_url  # httpx: on use
 
         base_url = spec[7:].strip()
-        if not _valid_http_url(base_url):
+        if not valid_base_url(base_url):
             raise BadInput("--agent openai: needs a base URL, e.g. openai:https://api.example/v1")
         return OpenAIAgent(
             base_url=base_url,

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
+
 from towerctl import bounds
 from towerctl.agents.base import AgentReply, ChatMessage, TextSink, _tail
 
@@ -267,8 +269,6 @@ class OpenAIAgent:
         max_output_tokens: int | None = None,
         on_text: TextSink | None = None,
     ) -> AgentReply:
-        import httpx  # imported on use, as elsewhere here: most runs never need it
-
         timed_out = AgentReply("failed", f"agent timed out after {self.timeout:g}s")
         deadline = time.monotonic() + self.timeout
         with _Watchdog(self.timeout) as watchdog:
@@ -311,8 +311,6 @@ class OpenAIAgent:
     ) -> tuple[int, bytes | AgentReply]:
         """(status, body); with `on_text`, the reply is asked for as a stream and, when
         the server streams it, read as it comes: (status, the reply)."""
-        import httpx
-
         headers = {"Accept-Encoding": "gzip, deflate"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -365,8 +363,6 @@ def _redirect_reason(status: int, headers: Any) -> str:
 
 def _unreachable_reason(error: BaseException) -> str:
     """Why the endpoint could not be reached, in words (never a Python class name)."""
-    import httpx
-
     if isinstance(error, OSError) and error.strerror:
         return error.strerror.lower()
     if isinstance(error, httpx.ConnectError):
@@ -376,3 +372,12 @@ def _unreachable_reason(error: BaseException) -> str:
     if isinstance(error, httpx.InvalidURL):
         return "the URL is not valid"
     return "the request did not complete"
+
+
+def valid_base_url(text: str) -> bool:
+    """An http or https URL with a host."""
+    try:
+        url = httpx.URL(text)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return False
+    return url.scheme in ("http", "https") and bool(url.host)

@@ -16,13 +16,11 @@ write, or it is refused (exit 2) with one line that never shows the key.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
 import secrets
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,7 +212,7 @@ def rotate() -> tuple[str, str]:
             hint="put the old key in TOWER_OLD_ROOT_KEYS_FILE so its tokens keep verifying",
         )
     home = config.ensure_home()
-    with _locked(home):
+    with config.exclusive_lock(home, os.O_RDONLY | os.O_DIRECTORY):  # one rotation at a time
         old = current_key(create=True)
         old_keys()  # an old keys file that would be refused is refused before any change
         _append_private(old_keys_path(), old.hex() + "\n")
@@ -228,18 +226,6 @@ def rotate() -> tuple[str, str]:
                 os.unlink(temp)
         _fsync_folder(home)
         return key_id(old), key_id(current_key())
-
-
-@contextlib.contextmanager
-def _locked(home: Path) -> Iterator[None]:
-    """One rotation at a time per home (an advisory lock on the folder itself)."""
-
-    fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _append_private(path: Path, line: str) -> None:

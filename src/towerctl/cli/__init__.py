@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import os
 import sys
+import traceback
 from difflib import get_close_matches
 from typing import Any
 
@@ -308,8 +309,6 @@ def run(argv: list[str] | None = None) -> int:
         if known is not None:
             return _fail(str(known), int(known.exit_code))
         if show_traceback:
-            import traceback  # only for a bug, with --traceback
-
             traceback.print_exc()
         return _fail(
             f"internal error: {type(error).__name__} (a bug; rerun with --traceback for details)",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from towerctl.cli import run
+
 
 def help_command(
     words: list[str] | None = typer.Argument(
@@ -11,6 +13,4 @@ def help_command(
     ),
 ) -> None:
     """Show the help of a command (towerctl help session messages)."""
-    from towerctl.cli import run
-
     raise typer.Exit(run([*(words or []), "--help"]))

@@ -19,10 +19,11 @@ from towerctl.cli.state import state
 from towerctl.completion import session_ids
 from towerctl.errors import BadInput
 from towerctl.session_ids import SessionRef, parse
+from towerctl.times import parse_moment
 from towerctl.units import MAX_SATS, parse_duration
 
 # The services' names (`sessions.STATES`, `transcripts.ROLES`) as types Typer parses;
-# tests/test_help.py checks that they stay the same.
+# tests/cli/test_help.py checks that they stay the same.
 SessionState = Literal["awaiting_payment", "active", "paused", "expired"]
 Role = Literal["user", "assistant"]
 
@@ -142,8 +143,6 @@ def moment_option(flag: str, help: str) -> Any:
     """A point in time: an ISO time or a duration ago (`12h`, `1d`)."""
 
     def moment(value: Any) -> datetime:
-        from towerctl.times import parse_moment
-
         if isinstance(value, datetime):
             return value
         try:

@@ -10,8 +10,10 @@ from typing import Literal
 
 import typer
 
+from towerctl import report as reports
 from towerctl.cli.params import JSON_OPTION, moment_option
 from towerctl.cli.state import print_json, read_connect
+from towerctl.render import write_aligned, write_bar_chart, write_csv
 
 ReportFormat = Literal["table", "json", "csv"]
 STATES = ("complete", "rejected", "failed")
@@ -28,9 +30,6 @@ def report(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Deposits, top-ups and debits in sats, and requests by state and agent, per period."""
-    from towerctl import report as reports
-    from towerctl.render import write_aligned, write_bar_chart, write_csv
-
     found = reports.build_report(read_connect(ctx), since, until, by)
     if as_json or fmt == "json":
         print_json(found.as_json())

@@ -9,7 +9,7 @@ from uuid import UUID
 
 import typer
 
-from towerctl import config, sessions
+from towerctl import config, session_list, sessions
 from towerctl.auth import keys, macaroons
 from towerctl.cli.params import (
     JSON_OPTION,
@@ -22,7 +22,7 @@ from towerctl.cli.params import (
 )
 from towerctl.cli.state import connect, note, print_json, read_connect, read_token, store
 from towerctl.render import write_key_values, write_session_rows
-from towerctl.session_ids import SessionRef
+from towerctl.session_ids import SessionRef, parse
 
 if TYPE_CHECKING:
     from towerctl.db import Connection
@@ -89,8 +89,6 @@ def list_(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """List sessions, newest first; a page at a time (--after)."""
-    from towerctl import session_list
-
     page = session_list.list_page(
         read_connect(ctx), state=state, since=since, until=until, sort=sort, limit=limit,
         after=after,
@@ -138,8 +136,6 @@ def authorized_session(
 ) -> tuple[Connection, UUID]:
     """(connection, session UUID) once the macaroon authorises `scope` on the session:
     the read replica's connection for `read` (when one is configured), else the primary's."""
-    from towerctl.session_ids import parse
-
     sid = parse(session_id) if isinstance(session_id, str) else session_id
     grant = store(ctx).authorize(read_token(token, token_file), sid, scope)
     return grant.conn, grant.session_id

@@ -12,6 +12,7 @@ from typing import Literal
 
 import typer
 
+from towerctl import accounts, search
 from towerctl.cli.params import (
     JSON_OPTION,
     Role,
@@ -22,7 +23,8 @@ from towerctl.cli.params import (
     session_id_argument,
 )
 from towerctl.cli.session import app
-from towerctl.cli.state import print_json, read_connect
+from towerctl.cli.state import note, print_json, read_connect
+from towerctl.render import write_aligned, write_csv, write_search_matches
 from towerctl.session_ids import SessionRef
 
 TableFormat = Literal["table", "json", "csv"]
@@ -53,9 +55,6 @@ def requests(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """A session's requests (tokens, cost, debit, balance after) and its ledger rows."""
-    from towerctl import accounts
-    from towerctl.render import write_aligned, write_csv
-
     account = accounts.session_account(read_connect(ctx), session_id)
     if as_json or fmt == "json":
         print_json(account.as_json())
@@ -108,10 +107,6 @@ def find(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Find messages by their words (full-text search), newest first, with snippets."""
-    from towerctl import search
-    from towerctl.cli.state import note
-    from towerctl.render import write_search_matches
-
     page = search.find_messages(
         read_connect(ctx),
         text,

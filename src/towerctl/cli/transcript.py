@@ -11,7 +11,7 @@ from uuid import UUID
 
 import typer
 
-from towerctl import auth, sessions, transcripts
+from towerctl import auth, session_ids, sessions, transcripts
 from towerctl.auth import keys
 from towerctl.cli.outfile import STDOUT, atomic_file, resolve_output
 from towerctl.cli.output import binary_stdout, sigterm_raises
@@ -27,7 +27,7 @@ from towerctl.cli.progress import progress
 from towerctl.cli.session import MACAROON_FILE_OPTION, MACAROON_OPTION, app, authorized_session
 from towerctl.cli.state import ended_by_signals, note, read_token, state, store
 from towerctl.config import RequestLimits
-from towerctl.errors import BadInput
+from towerctl.errors import BadInput, Unauthorized
 from towerctl.session_ids import SessionRef
 from towerctl.transcripts import MAX_PAGE, Format, Selection, export, follow
 from towerctl.transcripts.history import clear_history as clear
@@ -128,9 +128,6 @@ def _follow(
     macaroon_file: str | None,
 ) -> None:
     """`--follow`: on the primary (notifications and the writes in flight live there)."""
-    from towerctl import session_ids
-    from towerctl.errors import Unauthorized
-
     if output not in (None, "-"):
         raise BadInput("--follow writes to standard output only (not -o FILE)")
     follow.check_follow(selection_of(session_id.lower), fmt)  # paging flags only, not the id

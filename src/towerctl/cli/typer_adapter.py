@@ -25,7 +25,7 @@ relies on these behaviours of its bundled Click, and on nothing else of it:
   (instruction, then shell) and `typer.completion.shell_complete` answers, one
   value a line for bash.
 
-tests/test_typer_adapter.py fails when a Typer release changes any of these.
+tests/cli/test_typer_adapter.py fails when a Typer release changes any of these.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from typing import TypeAlias
 
 from typer import _click
 from typer._click import exceptions as _exceptions
+from typer._click.shell_completion import get_completion_class
+from typer._completion_classes import completion_init
+from typer.completion import shell_complete
 
 Context: TypeAlias = _click.Context
 Command: TypeAlias = _click.Command
@@ -53,9 +56,6 @@ def usage_message(error: ClickException) -> str:
 
 def completion_script(command: Command, shell: str, prog_name: str, complete_var: str) -> str:
     """The script that makes `shell` ask `prog_name` for completions through `complete_var`."""
-    from typer._click.shell_completion import get_completion_class
-    from typer._completion_classes import completion_init
-
     completion_init()
     kind = get_completion_class(shell)
     if kind is None:
@@ -65,8 +65,5 @@ def completion_script(command: Command, shell: str, prog_name: str, complete_var
 
 def complete(command: Command, prog_name: str, complete_var: str, instruction: str) -> int:
     """Answer the completion script's question (`complete_bash` and the like) on stdout."""
-    from typer._completion_classes import completion_init
-    from typer.completion import shell_complete
-
     completion_init()
     return shell_complete(command, {}, prog_name, complete_var, instruction)

@@ -25,7 +25,6 @@ private, and connects at once.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import pwd
 import shutil
@@ -33,7 +32,6 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -135,7 +133,8 @@ def ensure_running(home: Path) -> ServerInfo:
     if info is not None and info.status == "ready":
         _check_socket_private(info)
         return info
-    with _start_lock(home):
+    # Only one towerctl at a time starts the server of a home.
+    with config.exclusive_lock(home / ".server.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW):
         remove_stale_pid_file(pgdata)
         info = _wait_while_starting(pgdata)
         if info is not None:
@@ -177,17 +176,6 @@ def _wait_while_starting(pgdata: Path) -> ServerInfo | None:
                 hint=f"see {pgdata / 'log'}",
             )
         time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def _start_lock(home: Path) -> Iterator[None]:
-    """Only one towerctl at a time starts the server of a home."""
-    fd = os.open(home / ".server.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 # --- starting ----------------------------------------------------------------------

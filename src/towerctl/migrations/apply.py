@@ -7,7 +7,8 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+
+import psycopg
 
 from towerctl.db import first_line
 from towerctl.errors import MigrationError
@@ -30,10 +31,6 @@ from towerctl.migrations.ledger import (
     wait_for_lease,
 )
 from towerctl.migrations.plan import Step
-
-if TYPE_CHECKING:
-    import psycopg
-
 
 LOCK_NOT_AVAILABLE = "55P03"
 # Who holds locks on this database's tables: the sessions a statement could wait for.
@@ -104,8 +101,6 @@ def _apply_in_transaction(
     """A transactional file in one transaction: the lock (waited for, naming the holder),
     the ledger re-checked, the statements, the ledger row; a live lease of a no-transaction
     file is waited for outside the transaction."""
-    import psycopg
-
     migration = step.migration
     statement_ms = int(statement_lock_timeout() * 1000)
     tree = step.tree_checksum
@@ -140,8 +135,6 @@ def _apply_without_transaction(
     conn: psycopg.Connection, step: Step, wait: float, allow_out_of_order: bool,
     notify: Notify | None,
 ) -> float:  # fmt: skip
-    import psycopg
-
     migration = step.migration
     token = os.urandom(12).hex()  # os.urandom is what secrets uses
     owner = f"pid {os.getpid()} on {socket.gethostname()}"
@@ -203,8 +196,6 @@ def _apply_without_transaction(
 
 
 def _release(conn: psycopg.Connection, token: str) -> None:
-    import psycopg
-
     if conn.broken or conn.closed:
         return
     try:

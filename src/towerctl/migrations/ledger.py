@@ -8,15 +8,13 @@ import os
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING
+
+import psycopg
 
 from towerctl.errors import BadInput, DatabaseUnreachable, MigrationError
 from towerctl.migrations.files import Migration
 from towerctl.migrations.plan import AppliedMigration
 from towerctl.render import iso
-
-if TYPE_CHECKING:
-    import psycopg
 
 LEDGER_TABLE = "tower_schema_migrations"
 LEASE_TABLE = "tower_schema_migration_lease"
@@ -147,8 +145,6 @@ def _clock(moment: datetime | None) -> str:
 def take_lock(conn: psycopg.Connection, timeout_seconds: float, notify: Notify | None) -> None:
     """Take the transaction-scoped migration lock in the current transaction, waiting at most
     `timeout_seconds` (naming the holder once)."""
-    import psycopg
-
     row = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (LOCK_KEY,)).fetchone()
     if row and row[0]:
         return

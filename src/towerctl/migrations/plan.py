@@ -4,6 +4,7 @@ refusal naming every problem. No database here."""
 from __future__ import annotations
 
 import gc
+import shlex
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -98,8 +99,6 @@ def find_problems(files: Sequence[Migration], ledger: Sequence[AppliedMigration]
 
 def _dir_words(migration: Migration) -> str:
     """` --dir FOLDER` when the file is not in the folder a bare command reads."""
-    import shlex
-
     folder = migration.path.parent
     if folder.resolve() == default_dir().resolve():
         return ""

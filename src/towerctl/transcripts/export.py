@@ -24,15 +24,14 @@ import json
 from collections.abc import Callable, Generator, Iterator
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
+
+import psycopg
+from psycopg import Copy
 
 from towerctl import render, transcripts
 from towerctl.sanitize import escape_json_bytes, for_terminal
 from towerctl.transcripts import Format, Message, Selection
-
-if TYPE_CHECKING:
-    import psycopg
-    from psycopg import Copy
 
 BLOCK_BYTES = 1 << 16  # written to `out` in blocks of about this size
 PROGRESS_EVERY = 5_000  # messages between two progress reports
@@ -116,8 +115,6 @@ def export(
 @contextmanager
 def _snapshot(conn: psycopg.Connection) -> Iterator[None]:
     """One REPEATABLE READ, read-only transaction: the page, its cursor and its count agree."""
-    import psycopg
-
     saved = (conn.isolation_level, conn.read_only)
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     conn.read_only = True

@@ -44,14 +44,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+import psycopg
+from psycopg import sql
+
 from towerctl import auth, db, render, sessions, transcripts
 from towerctl.errors import BadInput
 from towerctl.transcripts import MESSAGE_JSON, REQUEST_STATE, Format, Message, Selection
 from towerctl.transcripts.export import BinaryOut, Blocks, Options, TextStream
 
 if TYPE_CHECKING:
-    import psycopg
-
     from towerctl.auth.keys import KeyRing
 
 FORMATS = (Format.ndjson, Format.table)
@@ -225,8 +226,6 @@ def follow(
     by the caller), which all end it normally; a token that stops authorising raises
     Unauthorized. `conn` (the primary, the caller's) does the reads and checks; the
     follow opens its own connection to `listen_url` for LISTEN and closes it."""
-    from psycopg import sql
-
     timing = timing or Timing()
     check_follow(selection, options.fmt)
     with ExitStack() as stack:

@@ -12,14 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from uuid import UUID
 
-from towerctl.errors import BadInput, NotFound
+import psycopg
+from psycopg import sql
 
-if TYPE_CHECKING:
-    import psycopg
-    from psycopg import sql
+from towerctl.errors import BadInput, NotFound
 
 CHUNK_ROWS = 2_000
 ROLES = ("user", "assistant")
@@ -186,8 +185,6 @@ def rows_query(cell_chars: int | None = None) -> str:
 def copy_query(selection: Selection, fmt: Format, *, raw: bool = False) -> sql.Composed:
     """`COPY (SELECT ...) TO STDOUT`: one JSON object per line (json, ndjson), or CSV
     with a header row, formula cells neutralised unless `raw`."""
-    from psycopg import sql
-
     params = {k: sql.Literal(v) for k, v in selection.params().items()}
     where = sql.SQL(FILTER.replace("%(", "{").replace(")s", "}")).format(**params)
     page = sql.SQL("ORDER BY id LIMIT {limit}").format(limit=params["limit"])

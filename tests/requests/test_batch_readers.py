@@ -44,7 +44,7 @@ def _batch(
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(timeout=30)
         if proc.stdout is not None:
             proc.stdout.close()
 

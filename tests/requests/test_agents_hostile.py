@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,6 +22,8 @@ from agents_fixtures import (
     exec_agent,
     gzip_bomb,
     openai_server,
+    pid_alive,
+    recorded,
     run_measured,
 )
 from conftest import CLI, OpenedSession, Result, assert_store_consistent, open_session
@@ -35,11 +36,6 @@ def request(cli: CLI, s: OpenedSession, *args: str, input: str | bytes | None = 
     return cli("session", "request", s.id, *args, "--macaroon", s.macaroon, input=input)
 
 
-def recorded(url: str) -> list[tuple[str, int]]:
-    with psycopg.connect(url) as c:
-        return c.execute("SELECT state, debited_sats FROM session_requests ORDER BY id").fetchall()
-
-
 def assert_failed(result: Any, url: str, words: str) -> dict[str, Any]:
     assert result.exit_code == ExitCode.AGENT_FAILED, result.stderr
     doc: dict[str, Any] = json.loads(result.stdout)
@@ -49,19 +45,6 @@ def assert_failed(result: Any, url: str, words: str) -> dict[str, Any]:
     assert recorded(url) == [("failed", 0)]
     assert_store_consistent(url)
     return doc
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is gone for our purposes (its parent, the agent, was killed)
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 # --- openai: one deadline, a size cap, strict usage ---------------------------------------

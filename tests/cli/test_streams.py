@@ -266,7 +266,7 @@ def messages_locked(db_url: str) -> Iterator[None]:
 def wait_for_part_and_lock(folder: Path, conn: psycopg.Connection, proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
+        assert proc.poll() is None, proc.communicate(timeout=30)
         parts = [p for p in folder.iterdir() if p.name.endswith(".part")]
         waiting = conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"

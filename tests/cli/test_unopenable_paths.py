@@ -61,7 +61,7 @@ def test_a_dir_unreadable_to_the_user_exits_2(owner_user: LocalUser, tmp_path: P
         result = owner_user.run(*owner_user.towerctl, "migrate", "new", "x", "--dir",
                                 str(private / "migrations"), env=env)  # fmt: skip
     finally:
-        subprocess.run(["rm", "-rf", str(home)], check=False)
+        subprocess.run(["rm", "-rf", str(home)], check=False, timeout=60)
     assert result.returncode == ExitCode.BAD_INPUT, result.stderr
     assert "Permission denied" in one_line(result.stderr)
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agents_fixtures import exec_agent
+from agents_fixtures import exec_agent, pid_alive, recorded
 from conftest import CLI, OpenedSession, assert_store_consistent, open_session
-from test_agents_hostile import pid_alive, recorded
 from towerctl.errors import ExitCode
 
 # The detached child: a new session (so no longer in the agent's process group), stdout
@@ -86,4 +85,4 @@ def test_towerctl_stops_being_a_subreaper_and_keeps_its_own_children(
         assert prctl(37, ctypes.byref(flag), 0, 0, 0) == 0 and flag.value == 0
     finally:
         mine.kill()
-        mine.wait()
+        mine.wait(timeout=30)

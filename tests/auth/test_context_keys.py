@@ -208,7 +208,7 @@ def test_migrate_new_never_writes_into_an_installed_package(
     site = tmp_path / "site"
     package = site / "towerctl"
     shutil.copytree(Path(towerctl.__file__).parent, package)  # an install holds sql/ already
-    shutil.copytree(Path(__file__).parents[1] / "sql", package / "sql", dirs_exist_ok=True)
+    shutil.copytree(Path(__file__).parents[2] / "sql", package / "sql", dirs_exist_ok=True)
     for path in [site, *site.rglob("*")]:
         path.chmod(0o555 if path.is_dir() else 0o444)
     try:

@@ -305,7 +305,7 @@ def test_a_recovery_conflict_is_a_clear_error_never_a_wrong_page(pair: Pair) -> 
             finally:
                 if proc.poll() is None:
                     proc.kill()
-                    proc.communicate()
+                    proc.communicate(timeout=30)
         finally:
             standby.execute("ALTER SYSTEM RESET max_standby_streaming_delay")
             standby.execute("SELECT pg_reload_conf()")

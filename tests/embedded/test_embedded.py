@@ -199,4 +199,4 @@ def test_a_pid_file_naming_a_reused_pid_is_recovered_from(
         assert bystander.poll() is None
     finally:
         bystander.kill()
-        bystander.wait()
+        bystander.wait(timeout=30)

@@ -129,7 +129,7 @@ def test_follow_table_on_a_terminal_is_coloured_cells_not_codes(
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(timeout=30)
         os.close(master)
     screen = emulate(data)
     assert screen.row_with("hello tower").split()[2] == "user"
@@ -220,7 +220,7 @@ def test_long_output_on_a_terminal_goes_through_the_pager_and_q_ends_it(
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(timeout=30)
         os.close(master)
     screen = emulate(shown, 100, 40)
     assert_no_code_as_text(screen)
@@ -243,7 +243,7 @@ def test_the_pager_is_bypassed(
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(timeout=30)
         os.close(master)
     if how != "short":
         assert b"line 120" in shown

@@ -282,7 +282,7 @@ def test_the_prompt_stays_on_the_screen_answered(
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(timeout=30)
         os.close(master)
     shown = emulate(data, 120)
     prompt = shown.row_with("Delete 40 messages")

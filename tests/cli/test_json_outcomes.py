@@ -9,9 +9,10 @@ import uuid
 import pytest
 
 from conftest import CLI
-from test_help import every_command
 from towerctl.cli.params import _remember_json
 from towerctl.errors import ExitCode
+
+from .test_help import every_command
 
 UNKNOWN = str(uuid.UUID(int=7))
 
