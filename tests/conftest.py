@@ -13,6 +13,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -34,6 +35,20 @@ ROOT_KEY_HEX = "a1" * 32
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--slow", action="store_true", help="run the long fault-injection variants")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A background job of a shell without job control starts with SIGINT and SIGQUIT
+    # ignored (nohup adds SIGHUP), and every towerctl the tests start would inherit that.
+    # A signal caught here is back to its default in a child after exec, so the tests
+    # that send these signals work; this process still takes no notice of them.
+    for number in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT):
+        if signal.getsignal(number) is signal.SIG_IGN:
+            signal.signal(number, _take_no_notice)
+
+
+def _take_no_notice(number: int, frame: object) -> None:
+    """A signal this process was started ignoring."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
