@@ -38,11 +38,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # A shell without job control starts a background job (`pytest &`, nohup) with SIGINT
-    # ignored, and every towerctl the tests start would inherit that: the tests that
-    # interrupt towerctl need the default disposition back.
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A background job of a shell without job control starts with SIGINT and SIGQUIT
+    # ignored (nohup adds SIGHUP), and every towerctl the tests start would inherit that.
+    # A signal caught here is back to its default in a child after exec, so the tests
+    # that send these signals work; this process still takes no notice of them.
+    for number in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT):
+        if signal.getsignal(number) is signal.SIG_IGN:
+            signal.signal(number, _take_no_notice)
+
+
+def _take_no_notice(number: int, frame: object) -> None:
+    """A signal this process was started ignoring."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
