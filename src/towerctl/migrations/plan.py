@@ -21,6 +21,7 @@ from towerctl.migrations.files import (
 
 if TYPE_CHECKING:
     from towerctl.migrations.grammar import ParsedScript, Statement
+    from towerctl.migrations.lint import Facts
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Step:
     migration: Migration
     statements: tuple[Statement, ...]
     parsed: ParsedScript | None = None  # the parse the statements come from
+    facts: tuple[Facts, ...] = ()  # what the lint needs of the statements (same parse)
 
     @property
     def tree_checksum(self) -> str:
