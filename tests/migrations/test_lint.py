@@ -177,3 +177,91 @@ def test_lint_ok_accepts_exactly_that_rule_at_that_statement(
     shift = 1 if case.no_transaction else 0
     assert [(f["line"], f["accepted"]) for f in found] == [(2 + shift, True), (4 + shift, False)]
     assert found[0]["reason"] == "the table is tiny in every deployment"
+
+
+# --- outputs and exit codes -------------------------------------------------------------------
+
+FIELDS = {"file", "version", "line", "rule", "table", "rows", "bytes", "lock", "blocks", "why",
+          "fix", "accepted"}  # fmt: skip
+
+
+def two_findings(folder: Path) -> Path:
+    write(folder, "0001_new_table.sql", CREATE_FRESH + "\nCREATE INDEX fresh_b_ix ON fresh (b);")
+    write(folder, "0002_index.sql", "\n".join([
+        "CREATE INDEX existing_b_ix ON existing (b);",
+        "-- towerctl:lint-ok set-not-null every row has a, checked by the release script",
+        "ALTER TABLE existing ALTER COLUMN a SET NOT NULL;",
+    ]))  # fmt: skip
+    return folder
+
+
+def test_json_is_a_list_of_findings_in_a_stable_shape(cli: CLI, live: str, tmp_path: Path) -> None:
+    found = lint(cli, live, two_findings(tmp_path / "sql"))
+    assert [set(f) >= FIELDS for f in found] == [True, True]
+    assert [(f["file"], f["version"], f["line"], f["rule"], f["table"], f["accepted"])
+            for f in found] == [
+        ("0002_index.sql", 2, 1, "index-not-concurrent", "existing", False),
+        ("0002_index.sql", 2, 3, "set-not-null", "existing", True),
+    ]  # fmt: skip
+    assert found[0]["rows"] == ROWS and isinstance(found[0]["bytes"], int)
+    assert found[0]["lock"] == "SHARE" and "writes" in found[0]["blocks"]
+    assert "CONCURRENTLY" in found[0]["fix"]
+
+
+def test_findings_are_warnings_unless_strict(cli: CLI, live: str, tmp_path: Path) -> None:
+    folder = two_findings(tmp_path / "sql")
+    args = ("--database-url", live, "migrate")
+    plain = cli(*args, "lint", "--dir", str(folder))
+    assert plain.exit_code == ExitCode.OK, plain.stderr
+    assert "0002_index.sql:1  index-not-concurrent" in plain.stdout
+    assert "  table    existing (5 k rows, " in plain.stdout
+    assert "0002_index.sql:3  set-not-null  [accepted]" in plain.stdout
+    assert "lint: 2 findings (1 accepted)" in plain.stderr
+
+    strict = cli(*args, "lint", "--dir", str(folder), "--strict")
+    assert strict.exit_code == ExitCode.MIGRATION
+    assert strict.stderr.strip().splitlines()[-1].startswith("towerctl: lint --strict: 1 finding")
+
+    write(folder, "0002_index.sql", "-- towerctl:lint-ok index-not-concurrent built at night\n"
+          + (folder / "0002_index.sql").read_text())  # fmt: skip
+    accepted = cli(*args, "lint", "--dir", str(folder), "--strict")
+    assert accepted.exit_code == ExitCode.OK, accepted.stderr
+
+
+def test_dry_run_warns_with_the_findings_and_exits_as_the_run_would(
+    cli: CLI, live: str, tmp_path: Path
+) -> None:
+    folder = two_findings(tmp_path / "sql")
+    dry = cli("--database-url", live, "migrate", "--dir", str(folder), "--dry-run")
+    assert dry.exit_code == ExitCode.OK, dry.stderr
+    assert "would apply 0002_index.sql" in dry.stdout
+    assert "0002_index.sql:1  index-not-concurrent" in dry.stderr
+    assert "lint: 2 findings (1 accepted)" in dry.stderr
+
+
+def test_status_counts_findings_and_check_exits_7(cli: CLI, live: str, tmp_path: Path) -> None:
+    folder = two_findings(tmp_path / "sql")
+    args = ("--database-url", live, "migrate", "status", "--dir", str(folder))
+    shown = cli(*args)
+    assert shown.exit_code == ExitCode.OK, shown.stderr
+    (row,) = [ln for ln in shown.stdout.splitlines() if "0002_index.sql" in ln]
+    assert "(lint: 2, 1 accepted)" in row
+    assert "lint of the pending files: 2 findings (1 accepted)" in shown.stdout
+    as_json = json.loads(cli(*args, "--json").stdout)["migrations"]
+    assert [(m["version"], m.get("lintFindings"), m.get("lintAccepted")) for m in as_json] == [
+        (1, None, None), (2, 2, 1)
+    ]  # fmt: skip
+    check = cli(*args, "--check")
+    assert check.exit_code == ExitCode.MIGRATION
+    assert "lint: 2 findings (1 accepted)" in check.stderr
+
+
+def test_bad_input_is_one_line_and_its_code(cli: CLI, live: str, tmp_path: Path) -> None:
+    missing = cli("--database-url", live, "migrate", "lint", "--dir", str(tmp_path / "nowhere"))
+    assert missing.exit_code == ExitCode.BAD_INPUT
+    assert len(missing.stderr.strip().splitlines()) == 1
+    write(tmp_path / "sql", "0001_broken.sql", "CREATE INDEX ON;")
+    broken = cli("--database-url", live, "migrate", "lint", "--dir", str(tmp_path / "sql"))
+    assert broken.exit_code == ExitCode.MIGRATION
+    assert "0001_broken.sql, line 1" in broken.stderr
+    assert len(broken.stderr.strip().splitlines()) == 1
