@@ -187,7 +187,7 @@ def describe_size(rows: int | None, size: int) -> str:
 
 def _short(value: int, base: int, unit: str = "") -> str:
     for prefix in ("", " k", " M", " G", " T"):
-        if value < base * 10 or prefix == " T":
+        if value < base or prefix == " T":
             if not unit:
                 return f"{value:,}{prefix}"
             return f"{value} {prefix.strip()}{unit}" if prefix else f"{value} {unit}"
