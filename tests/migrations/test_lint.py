@@ -89,6 +89,8 @@ CASES = [
          "SET lock_timeout = '5s';\nALTER TABLE {t} ADD COLUMN d int;"),
     Case("vacuum-full", "VACUUM FULL {t};", "VACUUM {t};", True, True),
     Case("cluster", "CLUSTER {t} USING {t}_pkey;", "VACUUM {t};", safe_no_transaction=True),
+    Case("drop-index-not-concurrent", "DROP INDEX {t}_a_uix;",
+         "DROP INDEX CONCURRENTLY IF EXISTS {t}_a_uix;", safe_no_transaction=True),
     Case("reindex-not-concurrent", "REINDEX TABLE {t};", "REINDEX TABLE CONCURRENTLY {t};",
          safe_no_transaction=True),
 ]  # fmt: skip
@@ -265,3 +267,14 @@ def test_bad_input_is_one_line_and_its_code(cli: CLI, live: str, tmp_path: Path)
     assert broken.exit_code == ExitCode.MIGRATION
     assert "0001_broken.sql, line 1" in broken.stderr
     assert len(broken.stderr.strip().splitlines()) == 1
+
+
+def test_a_table_dropped_and_created_again_in_the_run_is_new(
+    cli: CLI, live: str, tmp_path: Path
+) -> None:
+    write(tmp_path / "sql", "0001_recreate.sql", "DROP TABLE existing;\n" + CREATE_FRESH.replace(
+        "fresh", "existing").replace("existing_a_uix", "existing_a_uix2"))  # fmt: skip
+    write(tmp_path / "sql", "0002_index.sql", "CREATE INDEX existing_b_ix ON existing (b);")
+    assert [(f["file"], f["rule"]) for f in lint(cli, live, tmp_path / "sql")] == [
+        ("0001_recreate.sql", "drop-table")
+    ]

@@ -143,7 +143,7 @@ def check_file(
     and kept without its parse node: a run holds every file's statements at once, and keeping
     the decoded trees would only feed the garbage collector."""
     from towerctl.migrations import grammar  # pglast: only when a file is parsed
-    from towerctl.migrations.lint import read_statement
+    from towerctl.migrations.facts import read_statement
 
     facts: list[Facts] = []
 
