@@ -148,6 +148,7 @@ def compare_set(folder: Path, squawk: str, server: Any) -> dict[str, Any]:
                     row = c.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()
                     return bool(row and row[0])
 
+                states = table_states(statements, existed)
                 theirs = _squawk(squawk, path)
                 existing_lines: set[int] = set()
                 for v in theirs:
@@ -162,14 +163,14 @@ def compare_set(folder: Path, squawk: str, server: Any) -> dict[str, Any]:
                         tally["squawk re-run (one transaction per file)"] += 1
                     elif rule not in LOCK_RULES:
                         tally["squawk style"] += 1
-                    elif statement is not None and any(existed(t) for t in _targets(statement)):
+                    elif states.get(line) == "existing":
                         if line not in existing_lines:  # statements, not violations
                             existing_lines.add(line)
                             tally["squawk lock, existing table"] += 1
                             tally["… towerctl too"] += line in our_lines
                         if line not in our_lines:
                             notes.append(f"{where}: Squawk only ({_words(statement)})")
-                    elif statement is not None and _targets(statement):
+                    elif states.get(line) == "new":
                         tally["squawk lock, table new in the run"] += 1
                         if line in our_lines:
                             notes.append(f"{where}: both, on a table new in the run")
@@ -187,7 +188,33 @@ def compare_set(folder: Path, squawk: str, server: Any) -> dict[str, Any]:
                 notes.append(f"{path.name}: did not apply here: {applied.stderr.strip()[:200]}")
                 break
             tally["files"] += 1
-    return {"tally": dict(tally), "notes": notes, "files": len(files)}
+    return {"tally": dict(tally), "notes": list(dict.fromkeys(notes)), "files": len(files)}
+
+
+def table_states(statements: list[Any], existed: Any) -> dict[int, str]:
+    """Per statement line: "existing" when a table it names existed before the file (or is
+    such a table under a name it was renamed to earlier in the file), "new" when every table
+    it names was created (or dropped and created again) earlier in the file."""
+    created: set[str] = set()
+    renamed: dict[str, str] = {}
+    states: dict[int, str] = {}
+    for s in statements:
+        names = [renamed.get(n, n) for n in _targets(s)]
+        if names:
+            old = [n for n in names if n not in created and existed(n)]
+            states[s.line] = "existing" if old else "new"
+        node = s.node or {}
+        made = node.get("relation") if s.kind == "CreateStmt" else None
+        if s.kind == "CreateTableAsStmt":
+            made = (node.get("into") or {}).get("rel")
+        if made and made.get("relname"):
+            created.add(made["relname"])
+        if s.kind == "RenameStmt" and node.get("renameType") in ("OBJECT_TABLE", "OBJECT_MATVIEW"):
+            before = renamed.get(node["relation"]["relname"], node["relation"]["relname"])
+            renamed[node["newname"]] = before
+            if before in created:
+                created.add(node["newname"])
+    return states
 
 
 def _statement_line(statements: list[Any], violation: dict[str, Any]) -> int:

@@ -80,6 +80,8 @@ def _command_rules(cmd: Mapping[str, Any]) -> list[str]:
         return ["set-not-null"]
     if subtype == "AT_DropColumn":
         return ["drop-column"]
+    if subtype == "AT_DropNotNull":
+        return ["drop-not-null"]
     if subtype == "AT_AddColumn" and "ColumnDef" in definition:
         return _new_column_rules(definition["ColumnDef"])
     if subtype == "AT_AddConstraint" and "Constraint" in definition:

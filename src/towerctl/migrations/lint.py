@@ -73,6 +73,11 @@ RULES: dict[str, Rule] = {
              "the application deployed now may still read or write the column",
              "stop using the column in the application and deploy that first; drop it in a "
              "later release"),
+        Rule("drop-not-null", "ACCESS EXCLUSIVE (brief)", "the running application's readers "
+             "that assume a value (they meet NULLs once newer code writes them)",
+             "the application deployed now may rely on the column never being NULL",
+             "keep NOT NULL and give the column a DEFAULT; or deploy readers that handle NULL "
+             "first and drop NOT NULL in a later release"),
         Rule("drop-table", "ACCESS EXCLUSIVE (brief)", "the running application's queries "
              "on the table (they fail once it is gone)",
              "the application deployed now may still use the table",
