@@ -3,6 +3,7 @@ and exit codes, and reading a big migration file in linear time."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import pytest
 
 from conftest import CLI
 from towerctl import migrations
+from towerctl.cli.findings import write_findings
 from towerctl.errors import ExitCode
 
 
@@ -280,3 +282,18 @@ def test_a_table_dropped_and_created_again_in_the_run_is_new(
     assert [(f["file"], f["rule"]) for f in lint(cli, live, tmp_path / "sql")] == [
         ("0001_recreate.sql", "drop-table")
     ]
+
+
+def test_on_a_terminal_each_finding_is_a_block_shown_as_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    rule = migrations.RULES["set-not-null"]
+    found = migrations.Finding("0003_x.sql", 3, 7, rule.name, "odd[name]", 20_000_000,
+                               4 * 1024**3, rule.lock, rule.blocks, rule.why, rule.fix, True,
+                               "checked [by hand]")  # fmt: skip
+    out = io.StringIO()
+    write_findings([found], out, terminal=True)
+    screen = out.getvalue()
+    assert "0003_x.sql:7  set-not-null  [accepted]" in screen.splitlines()[0]
+    assert "odd[name] (20 M rows, 4 GB)" in screen and "checked [by hand]" in screen

@@ -54,6 +54,7 @@ def write_findings(findings: Sequence[Finding], out: Any, *, terminal: bool) -> 
         return
     from rich.panel import Panel
     from rich.table import Table
+    from rich.text import Text  # text, never markup: a table or file name may hold [brackets]
 
     color = not os.environ.get("NO_COLOR")
     console = _console(out, color=color, width=shutil.get_terminal_size().columns)
@@ -62,9 +63,10 @@ def write_findings(findings: Sequence[Finding], out: Any, *, terminal: bool) -> 
         grid.add_column(style="bold")
         grid.add_column()
         for label, text in _rows(finding):
-            grid.add_row(label, text)
+            grid.add_row(Text(label), Text(text))
         style = "green" if finding.accepted else "yellow"
-        console.print(Panel(grid, title=_title(finding), title_align="left", border_style=style))
+        title = Text(_title(finding))
+        console.print(Panel(grid, title=title, title_align="left", border_style=style))
 
 
 def warn_findings(findings: Sequence[Finding]) -> None:
