@@ -5,11 +5,15 @@ towerctl and the server never disagree on where a statement ends, what kind of
 statement it is, or whether it controls the transaction.
 
 A file is parsed once, into libpg_query's own JSON (built in C, read by the C
-`json` decoder): statement boundaries, lines, kinds, the checks below and the
-tree checksum of `repair` all come from that one parse. Locations in the JSON
-are UTF-8 byte offsets, so the script is sliced as bytes. The tree checksum is
-computed from the kept JSON text when first asked for: a run asks for a file's
-while the server runs the file before it.
+`json` decoder), in pieces of about a megabyte that the parser confirms end at a
+statement's `;`: statement boundaries, lines, kinds, the checks below and the
+lint's facts all come from that one parse, each statement's tree dropped once it
+is read, so memory stays bounded and time linear whatever the file's size. Locations
+in the JSON are UTF-8 byte offsets, so a piece is sliced as bytes and lines are
+counted forward from one statement to the next. The tree checksum of a file read in
+one piece is computed from the kept JSON text when first asked for (a run asks for a
+file's while the server runs the file before it); a bigger file's takes a second
+pass over its pieces, which a dry run never asks for.
 """
 
 from __future__ import annotations
