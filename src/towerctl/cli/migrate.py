@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import typer
 
 from towerctl import migrations
+from towerctl.cli.findings import summary as findings_summary
+from towerctl.cli.findings import warn_findings, write_findings
 from towerctl.cli.params import JSON_OPTION, whole_number
 from towerctl.cli.progress import progress
 from towerctl.cli.state import connect, note, print_json
@@ -20,7 +22,7 @@ from towerctl.render import iso
 from towerctl.sanitize import for_terminal
 
 if TYPE_CHECKING:
-    from towerctl.migrations import Migration
+    from towerctl.migrations import Finding, Migration
 
 app = typer.Typer(help="Apply the numbered SQL migrations (roll forward only).")
 
@@ -123,6 +125,7 @@ def migrate(
             note("up to date: nothing to apply")
         for line in migrations.describe_plan(steps):
             sys.stdout.write(line + "\n")
+        warn_findings(migrations.lint_steps(conn, steps))
         return
 
     applied: list[Migration] = []
@@ -161,9 +164,11 @@ def status(
     """Show every migration and whether it is applied, pending, changed, missing or duplicate."""
 
     _refuse_group_options(ctx, "status")
-    files = migrations.discover(_directory(ctx, directory))
+    folder = _directory(ctx, directory)
+    files = migrations.discover(folder)
     states = migrations.status(files, migrations.read_ledger(connect(ctx)))
     up_to_date = all(s.state == "applied" for s in states)
+    found = _pending_findings(ctx, folder, states)
     counts: dict[str, int] = {}
     for s in states:
         counts[s.state] = counts.get(s.state, 0) + 1
@@ -182,6 +187,7 @@ def status(
                         "baseline": s.baseline,
                         "fileChecksum": s.file_checksum,
                     }
+                    | _lint_counts(found, s.version)
                     for s in states
                 ],
             }
@@ -191,6 +197,10 @@ def status(
         for s in states:
             applied = iso(s.applied_at) or "-"
             mark = "  (baseline)" if s.baseline else ""
+            counts_of = _lint_counts(found, s.version)
+            if counts_of:
+                mark += f"  (lint: {counts_of['lintFindings']}, "
+                mark += f"{counts_of['lintAccepted']} accepted)"
             name = for_terminal(s.filename or s.name)
             sys.stdout.write(f"{s.version:>7}  {s.state:<9} {applied:<25} {name}{mark}\n")
         order = ("applied", "pending", "changed", "missing", "duplicate")
@@ -202,14 +212,65 @@ def status(
             + (" (up to date)" if up_to_date and states else "")
             + "\n"
         )
+        if found:
+            sys.stdout.write(f"lint of the pending files: {findings_summary(found)}\n")
     if check and not up_to_date:
         bad = {k: v for k, v in counts.items() if k != "applied"}
         summary = ", ".join(f"{n} {state}" for state, n in sorted(bad.items()))
+        if found:
+            summary += f"; lint: {findings_summary(found)}"
         raise MigrationError(
             f"not up to date: {summary}",
             hint="run 'towerctl migrate'"
             if set(bad) == {"pending"}
             else "restore the applied files as they were; add changes as new migrations",
+        )
+
+
+def _pending_findings(
+    ctx: typer.Context, folder: Path, states: list[migrations.MigrationState]
+) -> list[Finding]:
+    """The lint of the pending files, when they can be planned and read (else status shows
+    them without it: `migrate --dry-run` names what is wrong)."""
+    if not any(s.state == "pending" for s in states):
+        return []
+    try:
+        return migrations.lint_pending(connect(ctx), folder, allow_out_of_order=True)
+    except MigrationError:
+        return []
+
+
+def _lint_counts(found: list[Finding], version: int) -> dict[str, int]:
+    mine = [f for f in found if f.version == version]
+    if not mine:
+        return {}
+    return {"lintFindings": len(mine), "lintAccepted": sum(f.accepted for f in mine)}
+
+
+@app.command("lint")
+def lint(
+    ctx: typer.Context,
+    directory: Path | None = DIR_OPTION,
+    as_json: bool = JSON_OPTION,
+    strict: bool = typer.Option(
+        False, "--strict", help="Exit 7 when a finding is not accepted by a lint-ok comment."
+    ),
+) -> None:
+    """Name what the pending statements would do to the live database: locks that block
+    writes on existing tables, drops and renames, missing lock timeouts (and the safe way)."""
+
+    _refuse_group_options(ctx, "lint", to_applies=True)
+    found = migrations.lint_pending(connect(ctx), _directory(ctx, directory), target=_group(ctx).to)
+    if as_json:
+        print_json({"findings": [f.to_json() for f in found]})
+    else:
+        write_findings(found, sys.stdout, terminal=sys.stdout.isatty())
+        note(f"lint: {findings_summary(found)}")
+    open_findings = [f for f in found if not f.accepted]
+    if strict and open_findings:
+        raise MigrationError(
+            f"lint --strict: {findings_summary(open_findings)} not accepted",
+            hint="apply the fix, or accept one with '-- towerctl:lint-ok RULE reason' above it",
         )
 
 

@@ -22,7 +22,7 @@ PgBouncer and frees itself when a runner dies:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,11 +57,14 @@ from towerctl.migrations.ledger import (
     Notify,
     check_wait,
     ensure_ledger,
+    read_catalog,
     read_ledger,
     statement_lock_timeout,
     take_lock,
     wait_for_lease,
 )
+from towerctl.migrations.lint import RULES, Catalog, Finding, describe_size
+from towerctl.migrations.lint import lint as lint_facts
 from towerctl.migrations.plan import (
     AppliedMigration,
     MigrationState,
@@ -81,10 +84,11 @@ if TYPE_CHECKING:
 __all__ = [
     "BOM", "FILE_NAME", "INVALID_INDEXES", "LEASE_TABLE", "LEDGER_TABLE", "LOCK_KEY",
     "MAX_LOCK_WAIT_SECONDS", "MAX_VERSION", "MIGRATION_NAME", "NO_TRANSACTION_MARK",
-    "REPAIRS_TABLE", "AppliedMigration", "Migration", "MigrationState", "Plan", "Repair", "Step",
-    "apply", "baseline", "check_statements", "check_version", "checksum", "default_dir",
-    "describe_plan", "discover", "dry_run", "ensure_ledger", "migrate", "new_file",
-    "plan_migrations", "prepare", "read_ledger", "read_migration", "repair",
+    "REPAIRS_TABLE", "RULES", "AppliedMigration", "Catalog", "Finding", "Migration",
+    "MigrationState", "Plan", "Repair", "Step", "apply", "baseline", "check_statements",
+    "check_version", "checksum", "default_dir", "describe_plan", "describe_size", "discover",
+    "dry_run", "ensure_ledger", "lint_pending", "lint_steps", "migrate", "new_file",
+    "plan_migrations", "prepare", "read_catalog", "read_ledger", "read_migration", "repair",
     "statement_lock_timeout", "status", "tree_checksum", "wait_for_lease",
 ]  # fmt: skip
 
@@ -132,6 +136,27 @@ def dry_run(
         files, read_ledger(conn), target=target, allow_out_of_order=allow_out_of_order
     )
     return prepare(plan)
+
+
+def lint_steps(conn: psycopg.Connection, steps: Sequence[Step]) -> list[Finding]:
+    """The lint's findings for checked steps, against the live catalog (SPEC 12)."""
+    return lint_facts(
+        ((step.migration, step.facts) for step in steps),
+        read_catalog(conn),
+        runner_sets_lock_timeout=statement_lock_timeout() > 0,
+    )
+
+
+def lint_pending(
+    conn: psycopg.Connection,
+    directory: Path,
+    *,
+    target: int | None = None,
+    allow_out_of_order: bool = False,
+) -> list[Finding]:
+    """`migrate lint`: the checks of a dry run, then the findings of the pending statements."""
+    steps = dry_run(conn, directory, target=target, allow_out_of_order=allow_out_of_order)
+    return lint_steps(conn, steps)
 
 
 def baseline(

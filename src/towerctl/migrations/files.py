@@ -14,6 +14,7 @@ from towerctl.errors import BadInput, MigrationError
 
 if TYPE_CHECKING:
     from towerctl.migrations.grammar import ParsedScript, Statement
+    from towerctl.migrations.lint import Facts
 
 FILE_NAME = re.compile(r"^([0-9]+)_([A-Za-z0-9][A-Za-z0-9_.\-]*)\.sql$", re.ASCII | re.IGNORECASE)
 MIGRATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", re.ASCII)
@@ -131,19 +132,31 @@ def check_statements(migration: Migration) -> tuple[Statement, ...]:
     return check_file(migration)[0]
 
 
-def check_file(migration: Migration) -> tuple[tuple[Statement, ...], ParsedScript | None]:
-    """The file's statements as PostgreSQL's grammar reads them and the parse (for its tree
-    checksum), or `MigrationError` naming the file and line of anything the run would refuse: a
-    syntax error, transaction control, a COPY that needs the client's data stream, a statement
-    that cannot run in (or, in a no-transaction file, cannot safely re-run outside) a
-    transaction. The statements come without their parse nodes: a run holds every file's
-    statements at once, and keeping the decoded trees would only feed the garbage collector."""
+def check_file(
+    migration: Migration,
+) -> tuple[tuple[Statement, ...], ParsedScript | None, tuple[Facts, ...]]:
+    """The file's statements as PostgreSQL's grammar reads them, the parse (for its tree
+    checksum) and what the lint needs of each statement, or `MigrationError` naming the file
+    and line of anything the run would refuse: a syntax error, transaction control, a COPY that
+    needs the client's data stream, a statement that cannot run in (or, in a no-transaction
+    file, cannot safely re-run outside) a transaction. Each statement is checked as it is read
+    and kept without its parse node: a run holds every file's statements at once, and keeping
+    the decoded trees would only feed the garbage collector."""
     from towerctl.migrations import grammar  # pglast: only when a file is parsed
+    from towerctl.migrations.facts import read_statement
 
-    name = migration.filename
+    facts: list[Facts] = []
+
+    def keep(s: Statement) -> Statement:
+        _check_statement(migration, s)
+        found = read_statement(s)
+        if found is not None:
+            facts.append(found)
+        return grammar.Statement(s.text, s.line, s.kind)
+
     parsed: ParsedScript | None = None
     try:
-        parsed = grammar.parse(migration.sql)
+        parsed = grammar.parse(migration.sql, keep)
         statements = parsed.statements
     except grammar.SQLSyntaxError as error:
         # psql-style COPY data after `COPY … FROM STDIN;` is what the grammar tripped on.
@@ -152,37 +165,43 @@ def check_file(migration: Migration) -> tuple[tuple[Statement, ...], ParsedScrip
         except grammar.SQLSyntaxError:
             before = []
         if not (before and grammar.copy_with_client(before[-1])):
-            raise MigrationError(f"{name}, line {error.line}: {error}") from None
-        statements = before
-    for s in statements:
-        if grammar.is_transaction_control(s):
-            verb = s.text.split(None, 1)[0].upper() if s.text else "?"
-            raise MigrationError(
-                f"{name}, line {s.line}: transaction control ({verb}) is not allowed; "
-                "towerctl runs each file in one transaction",
-                hint=f"remove it, or make the first line '{NO_TRANSACTION_MARK}'",
-            )
-        copy = grammar.copy_with_client(s)
-        if copy:
-            raise MigrationError(
-                f"{name}, line {s.line}: COPY … {copy} cannot run from a migration file",
-                hint="load the data with INSERT, or COPY from a server-side file",
-            )
-        if migration.transactional and grammar.needs_no_transaction(s):
-            raise MigrationError(
-                f"{name}, line {s.line}: {_first_words(s)} cannot run inside a transaction",
-                hint=f"put it in its own file whose first line is '{NO_TRANSACTION_MARK}'",
-            )
-        if not migration.transactional and not grammar.rerunnable(s):
-            raise MigrationError(
-                f"{name}, line {s.line}: {_first_words(s)} is not allowed in a no-transaction "
-                "file, which may only hold statements safe to run again after a failure "
-                "(CREATE INDEX CONCURRENTLY IF NOT EXISTS, DROP INDEX CONCURRENTLY IF EXISTS, "
-                "REINDEX CONCURRENTLY, VACUUM, ANALYZE, ALTER TYPE … ADD VALUE IF NOT EXISTS, "
-                "SELECT)",
-                hint="move it to a transactional file",
-            )
-    return tuple(grammar.Statement(s.text, s.line, s.kind) for s in statements), parsed
+            raise MigrationError(f"{migration.filename}, line {error.line}: {error}") from None
+        facts.clear()
+        statements = [keep(s) for s in before]
+    return tuple(statements), parsed, tuple(facts)
+
+
+def _check_statement(migration: Migration, s: Statement) -> None:
+    from towerctl.migrations import grammar
+
+    name = migration.filename
+    if grammar.is_transaction_control(s):
+        verb = s.text.split(None, 1)[0].upper() if s.text else "?"
+        raise MigrationError(
+            f"{name}, line {s.line}: transaction control ({verb}) is not allowed; "
+            "towerctl runs each file in one transaction",
+            hint=f"remove it, or make the first line '{NO_TRANSACTION_MARK}'",
+        )
+    copy = grammar.copy_with_client(s)
+    if copy:
+        raise MigrationError(
+            f"{name}, line {s.line}: COPY … {copy} cannot run from a migration file",
+            hint="load the data with INSERT, or COPY from a server-side file",
+        )
+    if migration.transactional and grammar.needs_no_transaction(s):
+        raise MigrationError(
+            f"{name}, line {s.line}: {_first_words(s)} cannot run inside a transaction",
+            hint=f"put it in its own file whose first line is '{NO_TRANSACTION_MARK}'",
+        )
+    if not migration.transactional and not grammar.rerunnable(s):
+        raise MigrationError(
+            f"{name}, line {s.line}: {_first_words(s)} is not allowed in a no-transaction "
+            "file, which may only hold statements safe to run again after a failure "
+            "(CREATE INDEX CONCURRENTLY IF NOT EXISTS, DROP INDEX CONCURRENTLY IF EXISTS, "
+            "REINDEX CONCURRENTLY, VACUUM, ANALYZE, ALTER TYPE … ADD VALUE IF NOT EXISTS, "
+            "SELECT)",
+            hint="move it to a transactional file",
+        )
 
 
 def _first_words(statement: Statement) -> str:

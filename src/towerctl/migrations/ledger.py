@@ -13,6 +13,7 @@ import psycopg
 
 from towerctl.errors import BadInput, DatabaseUnreachable, MigrationError
 from towerctl.migrations.files import Migration
+from towerctl.migrations.lint import Catalog, TableSize
 from towerctl.migrations.plan import AppliedMigration
 from towerctl.render import iso
 
@@ -99,6 +100,18 @@ RENEW_LEASE = f"""
 UPDATE {LEASE_TABLE} SET deadline = clock_timestamp() + make_interval(secs => %s)
 WHERE token = %s"""
 DROP_LEASE = f"DELETE FROM {LEASE_TABLE} WHERE token = %s"
+# The live tables (and indexes, with their table) that a pending statement may lock, with
+# PostgreSQL's row estimate (-1: never analyzed) and their size on disk (indexes, TOAST too).
+READ_CATALOG = """
+SELECT n.nspname, c.relname, c.relkind IN ('i', 'I'), t.relname, c.reltuples::float8,
+       CASE WHEN c.relkind IN ('r', 'p', 'm') THEN pg_total_relation_size(c.oid) ELSE 0 END
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_index x ON x.indexrelid = c.oid
+LEFT JOIN pg_class t ON t.oid = x.indrelid
+WHERE c.relkind IN ('r', 'p', 'm', 'i', 'I')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname !~ '^pg_(toast|temp_)'"""
 LOCK_HOLDER = """
 SELECT a.pid, a.application_name, coalesce(a.xact_start, a.backend_start)
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
@@ -115,6 +128,20 @@ def read_ledger(conn: psycopg.Connection) -> list[AppliedMigration]:
     if not exists or not exists[0]:
         return []
     return [AppliedMigration(*row) for row in conn.execute(READ_LEDGER).fetchall()]
+
+
+def read_catalog(conn: psycopg.Connection) -> Catalog:
+    """The live tables before a run, for the lint: sizes, indexes' tables, the search path."""
+    row = conn.execute("SELECT current_schemas(false)").fetchone()
+    search_path = tuple(row[0]) if row and row[0] else ()
+    tables: dict[tuple[str, str], TableSize] = {}
+    indexes: dict[tuple[str, str], tuple[str, str]] = {}
+    for schema, name, is_index, table, rows, size in conn.execute(READ_CATALOG):
+        if is_index:
+            indexes[(schema, name)] = (schema, table)
+        else:
+            tables[(schema, name)] = TableSize(None if rows < 0 else round(rows), size)
+    return Catalog(search_path, tables, indexes)
 
 
 def check_wait(timeout_seconds: float) -> None:

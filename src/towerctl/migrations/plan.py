@@ -22,6 +22,7 @@ from towerctl.migrations.files import (
 
 if TYPE_CHECKING:
     from towerctl.migrations.grammar import ParsedScript, Statement
+    from towerctl.migrations.lint import Facts
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Step:
     migration: Migration
     statements: tuple[Statement, ...]
     parsed: ParsedScript | None = None  # the parse the statements come from
+    facts: tuple[Facts, ...] = ()  # what the lint needs of the statements (same parse)
 
     @property
     def tree_checksum(self) -> str:
