@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+
 from common import Sample, Workload, alternate, run_timed
 
 LETTER = "l"

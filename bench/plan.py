@@ -13,10 +13,9 @@ from common import (
     log,
 )
 from export import ExportWorkloads
+from migrations import MigrationWorkloads
 from requests_batch import RequestWorkloads
 from startup import StartupWorkloads
-
-from migrations import MigrationWorkloads
 
 # Workloads that other work may add: bench/<name>.py with `LETTER` (its --only letter) and
 # `run(bench: Bench) -> None`. They run when present.

@@ -37,7 +37,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO
-
 from towerctl.migrations import grammar
 
 LOCK_RULES = {
