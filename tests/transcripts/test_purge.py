@@ -275,7 +275,8 @@ def test_the_prompt_stays_on_the_screen_answered(
         {**env, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"},
     )
     try:
-        data = read_pty(master, 30, until=lambda seen: b"[y/N]" in seen)
+        # The prompt's last space is written on its own, after the rest: wait for it.
+        data = read_pty(master, 30, until=lambda seen: b"[y/N]: " in seen)
         os.write(master, b"y\n")
         data += read_pty(master, 30, proc=proc)
         assert proc.wait(timeout=30) == ExitCode.OK
