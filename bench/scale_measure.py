@@ -139,7 +139,7 @@ def measure(server: Any, towerctl: Path, home: Path, runs: int) -> list[Row]:
         log(f"{title}: {row.big.median * 1000:.0f} ms / {row.small.median * 1000:.0f} ms")
         rows.append(row)
     rows.append(_doctor_incremental(server, towerctl, envs, runs))
-    rows.extend(_doctor_full(server, towerctl, envs, max(runs // 2, 3)))
+    rows.extend(_doctor_full(server, towerctl, envs, max(runs // 2, 2)))
     _judge(rows)
     return rows
 

@@ -215,8 +215,9 @@ def examine(
 
     missing: Check | None = None
     try:
-        marks = None if full else watermarks.read(reader)
-        begin: watermarks.Start | None = watermarks.start(reader)
+        stored = watermarks.read(reader)
+        marks = None if full else stored
+        begin: watermarks.Start | None = watermarks.start(reader, stored)
     except psycopg.errors.UndefinedTable:
         marks, begin = None, None  # migrations pending: say so, check everything
     except psycopg.Error as error:

@@ -37,10 +37,11 @@ FULL_ABOVE = 100_000  # more changed sessions than this: check them all in one p
 
 READ = "SELECT source, checked_id, checked_at FROM doctor_watermarks"
 
-# The highest ids and the time a run starts from. A session's created_at is its
-# transaction's start, so the time is that of the oldest transaction we can see.
+# The highest ids and the time a run starts from, read above the stored watermarks (the
+# id indexes are BRIN: they find the newest rows, not a maximum). A session's created_at
+# is its transaction's start, so the time is that of the oldest transaction we can see.
 START = f"""
-SELECT {", ".join(f"(SELECT max(id) FROM {t})" for t in ID_SOURCES)},
+SELECT {", ".join(f"(SELECT max(id) FROM {t} WHERE id > %({t})s)" for t in ID_SOURCES)},
        least(now(), (SELECT min(xact_start) FROM pg_stat_activity
                    WHERE datname = current_database())),
        pg_snapshot_xmax(pg_current_snapshot())
@@ -93,12 +94,15 @@ def read(conn: psycopg.Connection) -> Marks | None:
     return Marks(ids, created)
 
 
-def start(conn: psycopg.Connection, wait: float = WAIT_SECONDS) -> Start:
+def start(conn: psycopg.Connection, stored: Marks | None, wait: float | None = None) -> Start:
     """Read the run's starting point, then wait for the transactions then in flight."""
-    row = conn.execute(START).fetchone()
+    floors = {t: stored.ids.get(t, 0) if stored else 0 for t in ID_SOURCES}
+    row = conn.execute(START, floors).fetchone()
     assert row is not None
     *highest, created, xmax = row
-    marks = Marks({t: int(v or 0) for t, v in zip(ID_SOURCES, highest, strict=True)}, created)
+    ids = {t: int(v or floors[t]) for t, v in zip(ID_SOURCES, highest, strict=True)}
+    marks = Marks(ids, created)
+    wait = WAIT_SECONDS if wait is None else wait
     deadline = time.monotonic() + wait
     while True:
         settled_row = conn.execute(SETTLED, (str(xmax),)).fetchone()
