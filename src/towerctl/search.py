@@ -30,13 +30,17 @@ ROLES = ("user", "assistant")
 STATES = ("awaiting_payment", "active", "paused", "expired")
 
 QUERY_WORDS = "SELECT numnode(websearch_to_tsquery('simple', %s))"
-# The expression is the index's, character for character, so the planner uses it.
+# The expression is the index's, character for character, so the planner uses it; the
+# query is written out (not taken from q) so that the planner sees the words and reads
+# them from the index (a query it cannot see looks like one that matches everything:
+# it then sorts every message).
 FIND = """
 WITH q AS (SELECT websearch_to_tsquery('simple', %(text)s) AS q),
 page AS (
     SELECT m.session_id, m.id, m.role, m.created_at, m.content
-    FROM session_messages m, q
-    WHERE to_tsvector('simple'::regconfig, left(m.content, 100000)) @@ q.q
+    FROM session_messages m
+    WHERE to_tsvector('simple'::regconfig, left(m.content, 100000))
+          @@ websearch_to_tsquery('simple', %(text)s)
       AND (%(after)s::bigint IS NULL OR m.id < %(after)s)
       AND (%(since)s::timestamptz IS NULL OR m.created_at >= %(since)s)
       AND (%(until)s::timestamptz IS NULL OR m.created_at < %(until)s)

@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 
 from towerctl.cli.params import JSON_OPTION
-from towerctl.cli.state import ARGV, hide_tokens, print_json, read_connect
-from towerctl.doctor import run_checks
+from towerctl.cli.state import ARGV, connect, hide_tokens, print_json, read_connect
+from towerctl.doctor import examine
 from towerctl.errors import DatabaseUnreachable, Inconsistent
 
 
@@ -25,19 +25,31 @@ def doctor(
         "Default: the packaged ones.",
         show_default=False,
     ),
+    full: bool = typer.Option(
+        False,
+        "--full",
+        help="Check every session, not only those changed since the last clean run.",
+    ),
 ) -> None:
-    """Check every invariant of the store; exit 9 naming what is at fault.
+    """Check the store's invariants; exit 9 naming what is at fault.
 
-    Every check only reads, so with --read-database-url they run on the replica.
+    By default only the sessions changed since the last clean run are checked (the
+    watermarks are kept in the store); --full checks them all. A check that could not
+    run is "not run", exit 8. Every check only reads, so with --read-database-url they
+    run on the replica; the watermarks are written to the primary.
     """
 
     # Every check only reads: on the read replica when one is configured.
-    checks = run_checks(read_connect(ctx), directory)
+    run = examine(read_connect(ctx), lambda: connect(ctx), directory, full=full)
+    checks = run.checks
     ok = all(c.ok for c in checks)
     if as_json:
         print_json(
             {
                 "ok": ok,
+                "full": run.full,
+                "sessionsChecked": run.sessions,
+                "watermarksRecorded": run.recorded,
                 "checks": [
                     {
                         "name": c.name,
@@ -54,6 +66,7 @@ def doctor(
             detail = hide_tokens(c.detail, ARGV)  # a token given as --dir is not echoed
             mark = "ok  " if c.ok else "FAIL" if c.ran else "SKIP"
             sys.stdout.write(f"{mark}  {c.name}: {detail}\n")
+        sys.stdout.write(f"{_scope_line(run.full, run.sessions)}\n")
     failed = [c.name for c in checks if not c.ok and c.ran]
     if failed:
         raise Inconsistent(f"{len(failed)} check(s) failed: {', '.join(failed)}")
@@ -64,3 +77,9 @@ def doctor(
             f"{len(not_run)} check(s) could not run: {', '.join(not_run)}",
             hint="see each check's detail; retry, or grant the role what it lacks",
         )
+
+
+def _scope_line(full: bool, sessions: int | None) -> str:
+    if full:
+        return "checked every session"
+    return f"checked {sessions} session(s) changed since the last clean run (--full: all)"
