@@ -11,6 +11,7 @@ SESSION_LESS = {
     "tower_schema_migration_lease",  # one row while a no-transaction file runs
     "tower_schema_migration_repairs",
     "macaroon_revocations",
+    "doctor_watermarks",  # one row per table: what doctor's last clean run saw
     "sessions",
 }
 
