@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import stat
 import subprocess
@@ -107,6 +108,21 @@ def run(
         timeout=timeout,
         check=False,
     )
+
+
+def read_line(fd: int, timeout: float) -> bytes:
+    """One line from `fd` (a pipe of towerctl's output), read a byte at a time so nothing
+    past it is taken; fails the test when none comes within `timeout` seconds."""
+    line = b""
+    deadline = time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise AssertionError(f"no line within {timeout}s (so far {line!r})")
+        byte = os.read(fd, 1)
+        assert byte, "towerctl closed its output"
+        line += byte
+    return line
 
 
 def wait_until(

@@ -18,7 +18,7 @@ import pytest
 
 from agents_fixtures import exec_agent, openai_server
 from conftest import CLI, OpenedSession, assert_store_consistent, open_session
-from terminal import TOWERCTL, emulate, raw_hidden, read_pty
+from terminal import emulate, raw_hidden, read_pty, start_on_pty
 from towerctl.config import Pricing
 from towerctl.errors import ExitCode
 from towerctl.requests.rules import cost_sats
@@ -36,22 +36,9 @@ def store(url: str) -> tuple[list[tuple[str, int]], list[str], int]:
         return requests.fetchall(), [m for (m,) in messages.fetchall()], (balance or [0])[0]
 
 
-def start_on_pty(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
-    """towerctl `args` with stdout and stderr on a pty; (the process, the master side)."""
-    master, slave = os.openpty()
-    try:
-        proc = subprocess.Popen(
-            [*TOWERCTL, *args],
-            env={**env, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"},
-            stdin=subprocess.DEVNULL,
-            stdout=slave,
-            stderr=slave,
-            close_fds=True,
-            start_new_session=True,
-        )
-    finally:
-        os.close(slave)
-    return proc, master
+def on_terminal(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+    """towerctl `args` on a 120-column xterm pty; (the process, the master side)."""
+    return start_on_pty(args, {**env, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"})
 
 
 def request_args(s: OpenedSession, agent: str, *more: str) -> list[str]:
@@ -65,7 +52,7 @@ def test_a_slow_stream_shows_its_first_words_before_it_ends(
     s = open_session(cli, 1000)
     usage = {"prompt_tokens": 2, "completion_tokens": 20}
     with openai_server({"tokens": WORDS, "interval": 0.1, "usage": usage}) as (url, received):
-        proc, master = start_on_pty(request_args(s, f"openai:{url}"), tower_env)
+        proc, master = on_terminal(request_args(s, f"openai:{url}"), tower_env)
         try:
             early = read_pty(master, 30, until=lambda d: b"word1 " in d, proc=proc)
             seen = time.monotonic()
@@ -100,7 +87,7 @@ def test_sigint_mid_stream_records_and_charges_nothing(
 ) -> None:
     s = open_session(cli, 1000)
     with openai_server({"tokens": WORDS, "interval": 0.1}) as (url, _):
-        proc, master = start_on_pty(request_args(s, f"openai:{url}"), tower_env)
+        proc, master = on_terminal(request_args(s, f"openai:{url}"), tower_env)
         try:
             early = read_pty(master, 30, until=lambda d: b"word2 " in d, proc=proc)
             assert b"word2 " in early
@@ -123,7 +110,7 @@ def test_a_stream_stalling_past_the_deadline_is_failed(
     s = open_session(cli, 1000)
     env = {**tower_env, "TOWER_AGENT_TIMEOUT": "1.5"}
     with openai_server({"tokens": WORDS, "interval": 0.05, "stall": 3}) as (url, _):
-        proc, master = start_on_pty(request_args(s, f"openai:{url}"), env)
+        proc, master = on_terminal(request_args(s, f"openai:{url}"), env)
         started = time.monotonic()
         try:
             shown = read_pty(master, 30, proc=proc)
@@ -146,7 +133,7 @@ def test_a_stream_past_the_budget_is_cut_there_on_screen_and_in_the_store(
     s = open_session(cli, 15)
     tokens = ["abcdefghij" for _ in range(60)]
     with openai_server({"tokens": tokens}) as (url, received):
-        proc, master = start_on_pty(request_args(s, f"openai:{url}"), tower_env)
+        proc, master = on_terminal(request_args(s, f"openai:{url}"), tower_env)
         try:
             shown = read_pty(master, 30, proc=proc)
             code = proc.wait(timeout=30)
@@ -167,7 +154,7 @@ def test_exec_output_is_shown_as_it_arrives_and_sanitised(
     body = "import time\nprint('first \\x1b[31mred', flush=True)\ntime.sleep(1.5)\nprint('last')\n"
     agent = exec_agent(tmp_path, "slow.py", body)
     s = open_session(cli, 1000)
-    proc, master = start_on_pty(request_args(s, agent), tower_env)
+    proc, master = on_terminal(request_args(s, agent), tower_env)
     try:
         early = read_pty(master, 30, until=lambda d: b"red" in d, proc=proc)
         seen = time.monotonic()
@@ -190,7 +177,7 @@ def test_no_stream_and_json_ask_for_no_stream(
 ) -> None:
     s = open_session(cli, 1000)
     with openai_server({"tokens": WORDS, "reply": REPLY}) as (url, received):
-        proc, master = start_on_pty(request_args(s, f"openai:{url}", flag), tower_env)
+        proc, master = on_terminal(request_args(s, f"openai:{url}", flag), tower_env)
         try:
             shown = read_pty(master, 30, proc=proc)
             code = proc.wait(timeout=30)
@@ -287,7 +274,7 @@ def test_a_stream_past_the_reply_bound_is_failed_on_a_terminal(
     s = open_session(cli, 10_000)
     env = {**tower_env, "TOWER_MAX_REPLY_CHARS": "100"}
     with openai_server({"tokens": ["abcdefghij"] * 60}) as (url, received):
-        proc, master = start_on_pty(request_args(s, f"openai:{url}"), env)
+        proc, master = on_terminal(request_args(s, f"openai:{url}"), env)
         try:
             shown = read_pty(master, 30, proc=proc)
             code = proc.wait(timeout=30)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import subprocess
 import time
 from collections.abc import Iterator
@@ -57,19 +56,6 @@ def _recorded(db_url: str, s: OpenedSession) -> int:
     return int(count[0])
 
 
-def _read_line(fd: int, timeout: float) -> bytes:
-    line = b""
-    deadline = time.monotonic() + timeout
-    while not line.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            raise AssertionError(f"no answer within {timeout}s (so far {line!r})")
-        byte = os.read(fd, 1)
-        assert byte, "towerctl closed its output"
-        line += byte
-    return line
-
-
 def _lines(count: int) -> bytes:
     return b"".join(b'{"message": "line %d"}\n' % n for n in range(count))
 
@@ -110,7 +96,7 @@ def test_no_line_runs_once_the_reader_has_gone(
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(_lines(1))
         proc.stdin.flush()
-        first = json.loads(_read_line(proc.stdout.fileno(), 30))
+        first = json.loads(faults.read_line(proc.stdout.fileno(), 30))
         proc.stdout.close()  # the reader goes away
         with contextlib.suppress(BrokenPipeError):  # towerctl may have stopped reading
             proc.stdin.write(_lines(50))
@@ -140,7 +126,7 @@ def test_a_reader_that_stops_reading_stops_the_batch_within_a_line(
         _batch(s, tower_env, lines, err) as proc,
     ):
         assert proc.stdout is not None
-        first = json.loads(_read_line(proc.stdout.fileno(), 30))
+        first = json.loads(faults.read_line(proc.stdout.fileno(), 30))
         time.sleep(1.0)
         proc.stdout.close()  # the reader goes away
         code = proc.wait(timeout=60)
@@ -162,7 +148,7 @@ def test_each_answer_comes_before_the_next_line_is_sent(
         for n in range(12):
             proc.stdin.write(b'{"message": "turn %d"}\n' % n)
             proc.stdin.flush()
-            answer = json.loads(_read_line(proc.stdout.fileno(), 20))
+            answer = json.loads(faults.read_line(proc.stdout.fileno(), 20))
             assert answer["result"] == f"turn {n}" and answer["state"] == "complete"
         proc.stdin.close()
         assert proc.wait(timeout=30) == ExitCode.OK

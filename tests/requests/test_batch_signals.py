@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
 import subprocess
 import time
@@ -18,7 +17,7 @@ import psycopg
 import pytest
 
 import faults
-from agents_fixtures import exec_agent
+from agents_fixtures import exec_agent, pid_alive
 from conftest import CLI, OpenedSession, open_session
 from towerctl.cli.output import TERMINATING_SIGNALS
 from towerctl.errors import ExitCode
@@ -54,13 +53,11 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) ->
 
 def _gone(pid: int, timeout: float = 10) -> bool:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.02)
-    return False
+    return True
 
 
 def _towerctl_connections(db_url: str) -> int:
@@ -106,21 +103,8 @@ def _run_until_slow(
     assert proc.stdout is not None
     first = b""
     if "--batch" in argv:  # a batch runs its next line once the last outcome was read
-        first = _read_line(proc.stdout.fileno(), 30)
+        first = faults.read_line(proc.stdout.fileno(), 30)
     return proc, first, _wait_for(pid_file, proc)
-
-
-def _read_line(fd: int, timeout: float) -> bytes:
-    line = b""
-    deadline = time.monotonic() + timeout
-    while not line.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            raise AssertionError(f"no outcome within {timeout}s (so far {line!r})")
-        byte = os.read(fd, 1)
-        assert byte, "towerctl closed its output"
-        line += byte
-    return line
 
 
 def _after_the_signal(
