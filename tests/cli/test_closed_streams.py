@@ -54,27 +54,26 @@ COMMANDS = [
     ["completion", "bash"],
 ]
 
-STREAMS = {
-    "stdout closed": ">&-",
-    "stderr closed": "2>&-",
-    "both closed": ">&- 2>&-",
-    "stdout full": ">/dev/full",
-    "stderr full": "2>/dev/full",
+# Each case: what stdout and stderr are (a shell redirection), None for a file of its own.
+STREAMS: dict[str, tuple[str | None, str | None]] = {
+    "stdout closed": (">&-", None),
+    "stderr closed": (None, "2>&-"),
+    "both closed": (">&-", "2>&-"),
+    "stdout full": (">/dev/full", None),
+    "stderr full": (None, "2>/dev/full"),
 }
 
 
-def _run(argv: list[str], redirect: str, env: dict[str, str], folder: Path) -> tuple[int, bytes]:
+def _run(
+    argv: list[str], streams: tuple[str | None, str | None], env: dict[str, str], folder: Path
+) -> tuple[int, bytes]:
     """Exit code and stderr (from a file; empty when stderr was closed or full)."""
     err = folder / "stderr"
-    command = shlex.join([*faults.TOWERCTL, *argv])
-    if "2>" not in redirect:
-        redirect += f" 2>{shlex.quote(str(err))}"
-    if ">&-" not in redirect.replace("2>&-", "") and ">/dev/full" not in redirect.replace(
-        "2>/dev/full", ""
-    ):
-        redirect = f">{shlex.quote(str(folder / 'stdout'))} " + redirect
+    stdout, stderr = streams
+    stdout = stdout or f">{shlex.quote(str(folder / 'stdout'))}"
+    stderr = stderr or f"2>{shlex.quote(str(err))}"
     done = subprocess.run(
-        ["bash", "-c", f"{command} {redirect}"],
+        ["bash", "-c", f"{shlex.join([*faults.TOWERCTL, *argv])} {stdout} {stderr}"],
         env=faults.process_env(env),
         stdin=subprocess.DEVNULL,
         timeout=60,
@@ -103,10 +102,10 @@ def test_every_command_with_a_standard_stream_closed_or_full(
     if argv[-1] == "--json" and code == ExitCode.OK:
         json.loads(printed)  # the plain run is a real one
     wrong = {}
-    for name, redirect in STREAMS.items():
+    for name, streams in STREAMS.items():
         folder = tmp_path / name.replace(" ", "-")
         folder.mkdir()
-        got, stderr = _run(argv, redirect, tower_env, folder)
+        got, stderr = _run(argv, streams, tower_env, folder)
         expected = code
         if name == "stdout full" and printed and code == ExitCode.OK:
             expected = ExitCode.WRITE_FAILED
