@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 from towerctl import __version__
 
@@ -41,14 +41,14 @@ class _LossyStderr:
         try:
             return self._stream.write(text)
         except (OSError, ValueError):
-            _silence(self._stream)
+            silence(self._stream)
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
         except (OSError, ValueError):
-            _silence(self._stream)
+            silence(self._stream)
 
     def fileno(self) -> int:
         return self._stream.fileno()
@@ -78,11 +78,12 @@ def _flush_or_silence(stream: TextIO | _LossyStderr) -> None:
     try:
         stream.flush()
     except Exception:
-        _silence(stream)
+        silence(stream)
 
 
-def _silence(stream: TextIO | _LossyStderr) -> None:
-    """Point the stream's descriptor at /dev/null: what is still buffered goes nowhere."""
+def silence(stream: Any) -> None:
+    """Point the stream's descriptor at /dev/null: what is still buffered for a reader
+    that is gone (or a device that is full) goes nowhere, quietly, at exit."""
     with contextlib.suppress(Exception):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, stream.fileno())

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import IO, Any
 
+from towerctl.console import silence
 from towerctl.errors import WriteFailed
 
 
@@ -60,24 +61,8 @@ def _terminating_signals() -> tuple[int, ...]:
 TERMINATING_SIGNALS = _terminating_signals()
 
 
-def _silence(stream: Any) -> None:
-    """Point the stream's file descriptor at /dev/null: whatever is still buffered for a
-    reader that is gone (or a device that is full) is dropped quietly at exit."""
-    try:
-        fd = stream.fileno()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-    except (AttributeError, OSError, ValueError):
-        return
-    try:
-        os.dup2(devnull, fd)
-    except OSError:
-        pass
-    finally:
-        os.close(devnull)
-
-
 def _write_error(stream: Any, error: OSError) -> Exception:
-    _silence(stream)
+    silence(stream)
     if isinstance(error, BrokenPipeError):
         return StdoutClosed()
     return WriteFailed(f"cannot write to standard output: {error.strerror or error}")
