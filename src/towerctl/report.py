@@ -26,11 +26,13 @@ SELECT date_trunc(%(by)s, created_at, 'UTC') AS start,
 FROM balance_ledger
 WHERE created_at >= %(since)s AND created_at < %(until)s
 GROUP BY 1"""
+# Counted by state and agent together, then summed each way here: the pairs are few,
+# and a distributed store (Citus) cannot run GROUPING SETS across its nodes.
 REQUESTS = """
-SELECT date_trunc(%(by)s, created_at, 'UTC') AS start, GROUPING(state), state, agent, count(*)
+SELECT date_trunc(%(by)s, created_at, 'UTC') AS start, state, agent, count(*)
 FROM session_requests
 WHERE created_at >= %(since)s AND created_at < %(until)s
-GROUP BY GROUPING SETS ((1, state), (1, agent))"""
+GROUP BY 1, 2, 3"""
 
 
 @dataclass
@@ -126,12 +128,10 @@ def build_report(
     for start, deposit, topup, debit in money:
         p = periods[start.astimezone(UTC)]
         p.deposit_sats, p.topup_sats, p.debited_sats = int(deposit), int(topup), int(debit)
-    for start, by_agent, state, agent, count in counts:
+    for start, state, agent, count in counts:
         p = periods[start.astimezone(UTC)]
-        if by_agent:
-            p.agents[agent] = int(count)
-        else:
-            p.requests[state] = int(count)
+        p.requests[state] = p.requests.get(state, 0) + int(count)
+        p.agents[agent] = p.agents.get(agent, 0) + int(count)
     totals = Period(first)
     for p in periods.values():
         totals.add(p)

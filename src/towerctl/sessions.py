@@ -1,7 +1,8 @@
 """Sessions and their balance: open, show, list, top up, expire.
 
 Every change of balance is a row in `balance_ledger` written by the same
-statement that changes `sessions.balance_sats`. Expiry (24 h without activity)
+statement that changes `sessions.balance_sats` (a top-up's: migration 0025's
+function). Expiry (24 h without activity)
 is computed by every read (a session past `expires_at` reads as expired) and
 recorded by the next write to the session, so reads never write and run on a
 read-only replica as well.
@@ -9,6 +10,7 @@ read-only replica as well.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -33,30 +35,20 @@ SELECT_NEWEST = f"""
 SELECT {READ_COLUMNS} FROM sessions
 WHERE (%(state)s::text IS NULL OR {STATE_NOW} = %(state)s)
 ORDER BY created_at DESC, id LIMIT %(limit)s"""
+# The id is chosen here, not by the column's default, so that both rows name the
+# session by value: a distributed store writes them on the one node that holds it.
 OPEN = f"""
 WITH s AS (
-    INSERT INTO sessions (state, balance_sats, expires_at)
-    VALUES ('active', %(sats)s, now() + interval '{IDLE_LIFETIME}')
+    INSERT INTO sessions (id, state, balance_sats, expires_at)
+    VALUES (%(id)s, 'active', %(sats)s, now() + interval '{IDLE_LIFETIME}')
     RETURNING {COLUMNS}
 ), deposit AS (
     INSERT INTO balance_ledger (session_id, kind, amount_sats)
-    SELECT id, 'deposit', %(sats)s FROM s
+    VALUES (%(id)s, 'deposit', %(sats)s)
 )
 SELECT {COLUMNS} FROM s"""
-TOP_UP = f"""
-WITH s AS (
-    UPDATE sessions
-    SET balance_sats = balance_sats + %(sats)s,
-        state = CASE WHEN state IN ('paused', 'awaiting_payment') THEN 'active' ELSE state END,
-        last_activity_at = now(),
-        expires_at = now() + interval '{IDLE_LIFETIME}'
-    WHERE id = %(id)s AND state <> 'expired' AND expires_at > now()
-    RETURNING {COLUMNS}
-), topup AS (
-    INSERT INTO balance_ledger (session_id, kind, amount_sats)
-    SELECT id, 'topup', %(sats)s FROM s
-)
-SELECT {COLUMNS} FROM s"""
+# Migration 0025's function: the balance, the state, the expiry and the ledger row.
+TOP_UP = "SELECT * FROM towerctl_top_up(%(id)s::uuid, %(sats)s::bigint)"
 
 
 @dataclass(frozen=True)
@@ -84,7 +76,7 @@ def _session(row: tuple[Any, ...]) -> Session:
 
 def open_session(conn: psycopg.Connection, deposit_sats: int) -> Session:
     """A new `active` session holding `deposit_sats`, its deposit in the ledger."""
-    row = conn.execute(OPEN, {"sats": deposit_sats}).fetchone()
+    row = conn.execute(OPEN, {"id": uuid.uuid4(), "sats": deposit_sats}).fetchone()
     assert row is not None
     return _session(row)
 

@@ -62,7 +62,7 @@ VALUES (%s, %s, %s, %s)
 ON CONFLICT (source) DO UPDATE
 SET checked_id = greatest(w.checked_id, excluded.checked_id),
     checked_at = greatest(w.checked_at, excluded.checked_at),
-    recorded_at = now(), full_run = excluded.full_run
+    recorded_at = excluded.recorded_at, full_run = excluded.full_run
 """
 
 

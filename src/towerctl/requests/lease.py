@@ -1,7 +1,9 @@
 """The request guard: a lease on the session row.
 
 At most one request (or history clear) per session is in flight (SPEC 6). The
-guard is a lease written into the session row by one autocommit statement:
+guard is a lease written into the session row by one autocommit statement (the
+plpgsql function `towerctl_take_lease`, migration 0025, also called by a request's
+`towerctl_take_request`), in effect:
 
     UPDATE sessions SET lease_owner = me, lease_until = now() + hold
     WHERE id = sid AND (lease_until IS NULL OR lease_until < now())
@@ -34,9 +36,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from towerctl.errors import NotFound, NotServed
@@ -44,7 +46,6 @@ from towerctl.errors import NotFound, NotServed
 if TYPE_CHECKING:
     import psycopg
 
-T = TypeVar("T")
 
 MARGIN_SECONDS = 5.0  # beyond the agent's deadline: reading, writing, starting the agent
 FIRST_BACKOFF = 0.01
@@ -54,34 +55,14 @@ WANT_SECONDS = 1.0
 # A kept lease is used without asking the server only while this much of it is left.
 KEPT_MARGIN_SECONDS = 1.0
 
-# The state as a reader sees it (expired once its time has come), the balance.
+# The lease rule (migration 0025's function, shared with a request's take): one row,
+# ('held', NULL) or ('busy', seconds the holder's lease or another waiter's ask still
+# runs); none when there is no such session.
 TAKE = """
-UPDATE sessions
-SET lease_owner = %(me)s, lease_until = now() + make_interval(secs => %(hold)s),
-    lease_wanted_by = NULL, lease_wanted_until = NULL
-WHERE id = %(sid)s AND (lease_until IS NULL OR lease_until < now())
-  AND (lease_wanted_until IS NULL OR lease_wanted_until < now() OR lease_wanted_by = %(me)s)
-RETURNING CASE WHEN state <> 'expired' AND expires_at <= now() THEN 'expired' ELSE state END,
-          balance_sats"""
-# Why a take failed: no such session, or how long the holder's lease still runs; and
-# the waiter's ask to have the lease next, unless another waiter asked first.
-# (The comment lets a test see a waiter in pg_stat_activity.)
+SELECT * FROM towerctl_take_lease(
+    %(sid)s::uuid, %(me)s::uuid, %(hold)s::float8, %(want)s::float8)"""
+# Put before a retry (a test sees a waiter in pg_stat_activity by it).
 WAITING = "/* towerctl: waiting for the session lease */"
-HOLDER = (
-    WAITING
-    + """
-WITH ask AS (
-    UPDATE sessions
-    SET lease_wanted_by = %(me)s, lease_wanted_until = now() + make_interval(secs => %(want)s)
-    WHERE id = %(sid)s AND %(want)s > 0
-      AND (lease_wanted_until IS NULL OR lease_wanted_until < now() OR lease_wanted_by = %(me)s)
-)
-SELECT greatest(coalesce(extract(epoch FROM lease_until - now()), 0),
-                CASE WHEN lease_wanted_by <> %(me)s
-                     THEN coalesce(extract(epoch FROM lease_wanted_until - now()), 0) END,
-                0)::float8
-FROM sessions WHERE id = %(sid)s"""
-)
 RELEASE = """
 UPDATE sessions SET lease_owner = NULL, lease_until = NULL
 WHERE id = %(sid)s AND lease_owner = %(me)s"""
@@ -91,14 +72,13 @@ class LeaseLost(NotServed):
     """The lease ran out before the final write and another request holds it now."""
 
 
-class SessionLease(Generic[T]):
+class SessionLease:
     """The lease of one request on one session; a context manager that releases it.
 
-    `take(reads)` runs `reads()` (statements that need the lease) in the same
-    pipeline as the take, so they cost no extra round trip; their results count
-    only once the take succeeded. `take_by(query, params)` takes it with one statement
-    that also reads (a request's: migration 0012's function). The final write should
-    release the lease itself, in its own transaction, and then call `released()`.
+    `take()` takes it alone; `take_by(query, params)` takes it with one statement that
+    also reads (a request's: `towerctl_take_request`, which applies the same rule). The
+    final write should release the lease itself, in its own transaction, and then call
+    `released()`.
     """
 
     def __init__(
@@ -121,29 +101,16 @@ class SessionLease(Generic[T]):
     def params(self) -> dict[str, Any]:
         return {"sid": self.session_id, "me": self.owner, "hold": self.hold_seconds}
 
-    def take(self, reads: Callable[[], T]) -> tuple[tuple[Any, ...], T]:
-        """(the session's state and balance, the reads' results), once the lease is held.
+    def take(self) -> None:
+        """Take the lease (a history clear's: nothing else read under it).
 
         NotFound when there is no such session; NotServed (busy) when another request
         held the lease for longer than the busy wait."""
-        deadline = time.monotonic() + self.wait_seconds
-        backoff = FIRST_BACKOFF
-        while True:
-            with self.conn.pipeline():
-                taken = self.conn.execute(TAKE, self.params)
-                extra = reads()
-            row = taken.fetchone()
-            if row is not None:
-                self.held = True
-                return row, extra
-            holder = self.conn.execute(HOLDER, self.params | self._want(deadline)).fetchone()
-            if holder is None:
-                raise NotFound(f"no session {self.session_id}")
-            backoff = self._wait(deadline, backoff, float(holder[0]))
+        self.take_by(TAKE, self.params)
 
     def take_by(self, query: str, params: Mapping[str, Any]) -> tuple[Any, ...]:
         """The row of `query`, a statement that takes the lease and reads under it in one
-        round trip (a function such as migration 0012's `towerctl_take_request`).
+        round trip (a function such as `towerctl_take_request`).
 
         Its row starts with the outcome and, when busy, the seconds the holder's lease
         still runs: `held` (ours now), `released` (taken and given back in the same
@@ -203,7 +170,7 @@ class SessionLease(Generic[T]):
         if not self.conn.closed and not self.conn.broken:
             self.conn.execute(RELEASE, self.params)
 
-    def __enter__(self) -> SessionLease[T]:
+    def __enter__(self) -> SessionLease:
         return self
 
     def __exit__(

@@ -43,7 +43,7 @@ class KeptLease:
     with what that request starts from (so it starts without a round trip of its own).
     The batch gives it back when it ends (`with kept.lease:`); a killed batch's runs out."""
 
-    lease: SessionLease[None]
+    lease: SessionLease
     start: Start | None = None
 
     def take_start(self) -> Start | None:
@@ -118,7 +118,7 @@ def refusal(session_id: UUID, reason: str) -> RequestOutcome:
 
 def record(
     conn: psycopg.Connection,
-    lease: SessionLease[Any],
+    lease: SessionLease,
     message: str,
     reply: AgentReply,
     *,
@@ -162,7 +162,7 @@ def record(
 
 def _recorded(
     conn: psycopg.Connection,
-    lease: SessionLease[Any],
+    lease: SessionLease,
     row: Sequence[Any] | None,
     sent: float,
     reply: AgentReply,

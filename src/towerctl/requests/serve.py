@@ -108,7 +108,7 @@ def run_request(
     limits = limits or RequestLimits()
     validate_message(message, limits)
     key = validate_idempotency_key(idempotency_key)
-    lease: SessionLease[None] = (
+    lease: SessionLease = (
         kept.lease
         if kept is not None
         else SessionLease(
@@ -146,7 +146,7 @@ def run_request(
 
 def _serve(
     conn: psycopg.Connection,
-    lease: SessionLease[None],
+    lease: SessionLease,
     message: str,
     agent: Agent,
     key: str | None,

@@ -40,11 +40,11 @@ def clear_history(
     conn: psycopg.Connection, session_id: UUID, macaroon_identifier: str, wait_seconds: float
 ) -> int:
     """Delete the messages in one statement, between requests; returns how many."""
-    lease: SessionLease[None] = SessionLease(
+    lease: SessionLease = SessionLease(
         conn, session_id, hold_seconds=MARGIN_SECONDS, wait_seconds=wait_seconds
     )
     with lease:
-        lease.take(lambda: None)
+        lease.take()
         params: dict[str, Any] = lease.params | {"who": macaroon_identifier}
         row = conn.execute(CLEAR, params).fetchone()
         lease.released()
