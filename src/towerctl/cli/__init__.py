@@ -30,7 +30,10 @@ from towerctl.sanitize import for_diagnostic
 # own work never pay for the others; the summary serves the top-level help.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "migrate": ("towerctl.cli.migrate:app", "Apply and inspect the numbered SQL migrations."),
-    "db": ("towerctl.cli.db:app", "The embedded PostgreSQL server: url, status, stop."),
+    "db": (
+        "towerctl.cli.db:app",
+        "The embedded PostgreSQL server: url, status, stop; distribute over Citus.",
+    ),
     "session": ("towerctl.cli.session:app", "Sessions: balances, requests and transcripts."),
     "macaroon": ("towerctl.cli.macaroon:app", "Macaroons that authorise work on one session."),
     "doctor": ("towerctl.cli.doctor:doctor", "Check the store's invariants (ledger, messages)."),

@@ -1,4 +1,4 @@
-"""`towerctl db`: the embedded PostgreSQL server."""
+"""`towerctl db`: the embedded PostgreSQL server, and laying a store out over Citus."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ import sys
 
 import typer
 
-from towerctl import config, embedded
+from towerctl import config, distribute, embedded
 from towerctl.cli.params import JSON_OPTION
-from towerctl.cli.state import note, print_json, state
+from towerctl.cli.state import connect, note, print_json, state
 from towerctl.context import configured_database
 from towerctl.errors import BadInput
 
 app = typer.Typer(
-    help="The embedded PostgreSQL server (the default database).", no_args_is_help=True
+    help="The embedded PostgreSQL server (the default database); laying a store out over "
+    "a Citus cluster.",
+    no_args_is_help=True,
 )
 
 
@@ -76,3 +78,57 @@ def stop() -> None:
         note("embedded server stopped")
     else:
         note("embedded server was not running")
+
+
+@app.command("distribute")
+def distribute_store(
+    ctx: typer.Context,
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan and what is in place already; change nothing."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Lay a migrated store out over a Citus cluster, by session (run on the coordinator).
+
+    Distributes sessions by id and every per-session table by session_id, colocated;
+    makes the other session-less tables reference tables and keeps the migration ledger
+    on the coordinator; distributes the request functions by their session; drops the
+    trigger behind `session messages --follow`, which then reads periodically.
+    Idempotent: what is in place is skipped; run it again after a migration adds a
+    table. Exit 2 where Citus is not installed (--dry-run still prints the plan).
+    """
+
+    conn = connect(ctx)
+    plan = distribute.plan(conn)
+    ran = [] if dry_run else distribute.apply(conn, plan)
+    if dry_run and plan.citus is None:
+        note("Citus is not installed in this database: the plan below is what a Citus "
+             "coordinator would get")  # fmt: skip
+    done_now = {id(step) for step in ran}
+    if as_json:
+        print_json(
+            {
+                "citus": plan.citus,
+                "dryRun": dry_run,
+                "steps": [
+                    {
+                        "action": step.action,
+                        "object": step.target,
+                        "detail": step.detail,
+                        "state": _state(step, dry_run, id(step) in done_now),
+                    }
+                    for step in plan.steps
+                ],
+            }
+        )
+        return
+    for step in plan.steps:
+        state_text = _state(step, dry_run, id(step) in done_now)
+        sys.stdout.write(f"{state_text:<8} {step.action:<20} {step.target}: {step.detail}\n")
+
+
+def _state(step: distribute.Step, dry_run: bool, ran: bool) -> str:
+    """ "in place" (found so), "done" (by this run), "planned" (a dry run's next step)."""
+    if step.done:
+        return "in place"
+    return "done" if ran else "planned"

@@ -1,0 +1,128 @@
+"""towerctl on a Citus cluster (opt-in: TOWER_TEST_CITUS_URL names a fresh database on a
+coordinator with its workers added; `tests/conftest.py` collects this folder only then).
+
+One store, in order: migrate, db distribute (twice: the second finds everything in
+place), the README's tour through the coordinator with the results of plain
+PostgreSQL, and what is refused on a cluster. How such a cluster is built is in
+docs/scaling.md."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from conftest import CLI, ROOT_KEY_HEX, OpenedSession, assert_store_consistent, open_session
+from towerctl.errors import ExitCode
+
+URL = os.environ.get("TOWER_TEST_CITUS_URL", "")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CLI]:
+    """The coordinator's database, migrated and distributed once for the module."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key in list(os.environ):
+            if key.startswith("TOWER_") and key != "TOWER_TEST_CITUS_URL":
+                patch.delenv(key)
+        patch.setenv("TOWER_DATABASE_URL", URL)
+        patch.setenv("TOWER_HOME", str(tmp_path_factory.mktemp("home")))
+        patch.setenv("TOWER_ROOT_KEY", ROOT_KEY_HEX)
+        patch.setenv("NO_COLOR", "1")
+        cli = CLI()
+        result = cli("migrate")
+        assert result.exit_code == ExitCode.OK, result.stderr
+        result = cli("db", "distribute", "--json")
+        assert result.exit_code == ExitCode.OK, result.stderr
+        yield cli
+
+
+def steps(cli: CLI) -> list[dict[str, str]]:
+    result = cli("db", "distribute", "--json")
+    assert result.exit_code == ExitCode.OK, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["citus"]
+    found: list[dict[str, str]] = doc["steps"]
+    return found
+
+
+def test_a_second_distribute_finds_everything_in_place(cluster: CLI) -> None:
+    assert {s["state"] for s in steps(cluster)} == {"in place"}
+    with psycopg.connect(URL) as conn:
+        placed = dict(
+            conn.execute("SELECT logicalrelid::regclass::text, partmethod FROM pg_dist_partition")
+        )
+    assert placed["sessions"] == placed["session_messages"] == "h"
+    assert placed["macaroon_revocations"] == "n"
+    assert "tower_schema_migrations" not in placed
+
+
+def request(cli: CLI, s: OpenedSession, message: str, *extra: str) -> dict[str, object]:
+    result = cli("session", "request", s.id, message, "--macaroon", s.macaroon, "--json", *extra)
+    doc: dict[str, object] = json.loads(result.stdout)
+    doc["exit"] = result.exit_code
+    return doc
+
+
+def test_requests_and_money_as_on_postgresql(cluster: CLI) -> None:
+    s = open_session(cluster, deposit=200)
+    first = request(cluster, s, "What is a macaroon?")
+    assert first["exit"] == ExitCode.OK and first["state"] == "complete"
+    assert isinstance(first["debitedSats"], int) and first["debitedSats"] > 0
+    keyed = request(cluster, s, "once", "--idempotency-key", "k-1")
+    replay = request(cluster, s, "once", "--idempotency-key", "k-1")
+    assert replay["replayed"] is True and replay["requestId"] == keyed["requestId"]
+    lines = "".join(json.dumps({"message": f"line {i}"}) + "\n" for i in range(5))
+    batch = cluster("session", "request", s.id, "--batch", "--macaroon", s.macaroon, input=lines)
+    assert batch.exit_code == ExitCode.OK, batch.stderr
+    assert len(batch.stdout.splitlines()) == 5
+    topped = cluster("session", "topup", s.id, "--sats", "50", "--json")
+    assert topped.exit_code == ExitCode.OK, topped.stderr
+    poor = open_session(cluster, deposit=5)
+    refused = request(cluster, poor, "x" * 400)
+    assert refused["exit"] == ExitCode.NOT_SERVED
+    assert_store_consistent(URL)
+    full = cluster("doctor", "--full")
+    assert full.exit_code == ExitCode.OK, full.stdout + full.stderr
+
+
+def test_transcript_and_clear(cluster: CLI, tmp_path: Path) -> None:
+    s = open_session(cluster)
+    for i in range(3):
+        assert request(cluster, s, f"question {i}")["exit"] == ExitCode.OK
+    read = cluster("session", "messages", s.id, "--macaroon", s.macaroon, "--format", "ndjson")
+    contents = [json.loads(line)["content"] for line in read.stdout.splitlines()]
+    assert contents == [f"question {i}" for i in range(3) for _ in range(2)]
+    cleared = cluster("session", "clear-history", s.id, "--macaroon", s.macaroon, "--yes")
+    assert cleared.exit_code == ExitCode.OK, cleared.stderr
+    again = cluster("session", "messages", s.id, "--macaroon", s.macaroon, "--format", "ndjson")
+    assert again.stdout == ""
+
+
+def test_follow_is_refused_in_one_line(cluster: CLI) -> None:
+    s = open_session(cluster)
+    result = cluster("session", "messages", s.id, "--macaroon", s.macaroon, "--follow")
+    assert result.exit_code == ExitCode.BAD_INPUT
+    assert "distributed store" in result.stderr and result.stdout == ""
+
+
+def test_report_equals_the_ledger(cluster: CLI) -> None:
+    s = open_session(cluster, deposit=300)
+    assert request(cluster, s, "counted")["exit"] == ExitCode.OK
+    result = cluster("report", "--since", "1d", "--json")
+    assert result.exit_code == ExitCode.OK, result.stderr
+    totals = json.loads(result.stdout)["totals"]
+    with psycopg.connect(URL) as conn:
+        sums = dict(
+            conn.execute(
+                "SELECT kind, sum(amount_sats) FROM balance_ledger"
+                " WHERE created_at >= now() - interval '1 day' GROUP BY kind"
+            ).fetchall()
+        )
+        requests = conn.execute("SELECT count(*) FROM session_requests").fetchone()
+    assert totals["depositSats"] == sums["deposit"] and totals["debitedSats"] == sums["debit"]
+    assert requests is not None and sum(totals["requests"].values()) == requests[0]
