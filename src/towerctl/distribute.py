@@ -1,7 +1,8 @@
 """`towerctl db distribute`: lay a migrated store out over a Citus cluster, by session.
 
 The plan is read from the catalog, so a table a later migration adds is planned by
-the same rules (`db distribute` again after such a `migrate`; it is idempotent):
+the same rules (on a distributed store `migrate` applies it after each file; the
+command is idempotent):
 
 - `sessions` is distributed by `id`, and every table whose primary key starts with
   `session_id` by `session_id`, colocated with `sessions`: all of one session's rows
@@ -15,7 +16,8 @@ the same rules (`db distribute` again after such a `migrate`; it is idempotent):
   node that holds its session, in one round trip from the coordinator;
 - the trigger that notifies `session messages --follow` of new messages is dropped
   first: a distributed table cannot keep it (its NOTIFY would run on a worker, inside
-  a two-phase commit, which PostgreSQL refuses); `--follow` then reads periodically.
+  a two-phase commit, which PostgreSQL refuses); `--follow` is refused on a
+  distributed store for now (its horizon reads the coordinator's id sequence).
 
 Each step runs in its own statement, in the order above; a step already in place is
 reported as such and skipped, so an interrupted run is finished by running it again.
@@ -166,7 +168,7 @@ def _trigger_step(table: str, trigger: str) -> Step:
             f"{table} has the trigger {trigger}, which a distributed table cannot keep",
             hint="drop it (or move its work elsewhere), then run db distribute again",
         )
-    detail = "session messages --follow then reads periodically instead of being notified"
+    detail = "a distributed table cannot keep it (session messages --follow is then refused)"
     # Only the known trigger of a known table is dropped: names are towerctl's own.
     sql = f"DROP TRIGGER IF EXISTS {trigger} ON {table}"
     return Step("drop-trigger", f"{trigger} on {table}", detail, sql, (), False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 
 from conftest import CLI, ROOT_KEY_HEX, OpenedSession, assert_store_consistent, open_session
 from towerctl.errors import ExitCode
+from towerctl.migrations.files import default_dir
 
 URL = os.environ.get("TOWER_TEST_CITUS_URL", "")
 
@@ -126,3 +128,35 @@ def test_report_equals_the_ledger(cluster: CLI) -> None:
         requests = conn.execute("SELECT count(*) FROM session_requests").fetchone()
     assert totals["depositSats"] == sums["deposit"] and totals["debitedSats"] == sums["debit"]
     assert requests is not None and sum(totals["requests"].values()) == requests[0]
+
+
+def test_a_migration_adding_a_per_session_table_distributes_it(
+    cluster: CLI, tmp_path: Path
+) -> None:
+    folder = tmp_path / "sql"
+    shutil.copytree(default_dir(), folder)
+    (folder / "0900_session_notes.sql").write_text(
+        "CREATE TABLE session_notes (session_id uuid NOT NULL REFERENCES sessions (id),"
+        " id bigint GENERATED ALWAYS AS IDENTITY, note text NOT NULL,"
+        " PRIMARY KEY (session_id, id));\n"
+        "CREATE INDEX session_notes_note ON session_notes (session_id, note);\n"
+    )
+    (folder / "0901_session_notes_flag.sql").write_text(
+        "ALTER TABLE session_notes ADD COLUMN flagged boolean;\n"
+        "ALTER TABLE session_messages ADD COLUMN IF NOT EXISTS flagged boolean;\n"
+        # a function after DDL on distributed tables, in one transaction: Citus refuses
+        # it after a parallel statement, so the file must run in sequential mode
+        "CREATE FUNCTION towerctl_note_count(p_sid uuid) RETURNS bigint LANGUAGE sql"
+        " AS $$ SELECT count(*) FROM session_notes WHERE session_id = p_sid $$;\n"
+    )
+    result = cluster("migrate", "--dir", str(folder))
+    assert result.exit_code == ExitCode.OK, result.stderr
+    assert "distribute session_notes: by session_id, colocated with sessions" in result.stderr
+    with psycopg.connect(URL) as conn:
+        row = conn.execute(
+            "SELECT partmethod FROM pg_dist_partition"
+            " WHERE logicalrelid = 'session_notes'::regclass"
+        ).fetchone()
+    assert row == ("h",)
+    assert "distribute-function towerctl_note_count(uuid)" in result.stderr
+    assert {s["state"] for s in steps(cluster)} == {"in place"}

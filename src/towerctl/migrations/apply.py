@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import psycopg
 
+from towerctl import distribute
 from towerctl.db import first_line
 from towerctl.errors import MigrationError
 from towerctl.migrations.files import Migration
@@ -96,11 +97,13 @@ def _failure(conn: psycopg.Connection, step: Step, current: int, error: Exceptio
 
 def _apply_in_transaction(
     conn: psycopg.Connection, step: Step, wait: float, allow_out_of_order: bool,
-    notify: Notify | None,
+    notify: Notify | None, cluster: bool = False,
 ) -> float:  # fmt: skip
     """A transactional file in one transaction: the lock (waited for, naming the holder),
     the ledger re-checked, the statements, the ledger row; a live lease of a no-transaction
-    file is waited for outside the transaction."""
+    file is waited for outside the transaction. On a Citus cluster the file's statements
+    reach the shards one connection per node (Citus refuses DDL on a table after a
+    parallel statement in the same transaction)."""
     migration = step.migration
     statement_ms = int(statement_lock_timeout() * 1000)
     tree = step.tree_checksum
@@ -111,6 +114,8 @@ def _apply_in_transaction(
                 take_lock(conn, wait, notify)
                 recheck(conn, migration, allow_out_of_order)
                 conn.execute(f"SET LOCAL lock_timeout = '{statement_ms}ms'")
+                if cluster:
+                    conn.execute("SET LOCAL citus.multi_shard_modify_mode = 'sequential'")
                 started = time.perf_counter()
                 for index, statement in enumerate(step.statements):
                     current = index
@@ -219,13 +224,22 @@ def apply(
     table lock; the guard waits at most `lock_timeout`."""
     check_wait(lock_timeout)
     done: list[Migration] = []
+    # A store laid out over Citus (`db distribute`): a table or function a file adds is
+    # placed by the same plan right after the file, before the next one runs.
+    cluster = bool(steps) and distribute.distributed(conn, distribute.ANCHOR)
     for step in steps:
         name = step.migration.filename
         if notify:
             notify(f"applying {name} …")
-        run = _apply_in_transaction if step.migration.transactional else _apply_without_transaction
         try:
-            elapsed = run(conn, step, lock_timeout, allow_out_of_order, notify)
+            if step.migration.transactional:
+                elapsed = _apply_in_transaction(
+                    conn, step, lock_timeout, allow_out_of_order, notify, cluster
+                )
+            else:
+                elapsed = _apply_without_transaction(
+                    conn, step, lock_timeout, allow_out_of_order, notify
+                )
         except Skipped:
             if notify:
                 notify(f"{name} was applied by another runner meanwhile")
@@ -233,4 +247,8 @@ def apply(
         done.append(step.migration)
         if on_applied:
             on_applied(step.migration, elapsed)
+        if cluster:
+            for placed in distribute.apply(conn, distribute.plan(conn)):
+                if notify:
+                    notify(f"{placed.action} {placed.target}: {placed.detail}")
     return done
