@@ -124,7 +124,8 @@ def distribute_store(
         return
     for step in plan.steps:
         state_text = _state(step, dry_run, id(step) in done_now)
-        sys.stdout.write(f"{state_text:<8} {step.action:<20} {step.target}: {step.detail}\n")
+        target = step.target.split("(")[0]  # a function by its name (--json: its signature)
+        sys.stdout.write(f"{state_text:<8}  {step.action:<19}  {target}: {step.detail}\n")
 
 
 def _state(step: distribute.Step, dry_run: bool, ran: bool) -> str:
