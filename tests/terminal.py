@@ -7,13 +7,14 @@ slave side of a pty and collect every byte that reached the master side.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import subprocess
 import sys
 import time
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 TOWERCTL = (sys.executable, "-m", "towerctl")
@@ -151,15 +152,26 @@ def run_on_screen(
     return done.exit_code, emulate(done.text.encode("utf-8"), columns)
 
 
-def start_on_pty(args: Sequence[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
-    """towerctl `args` under way with stdin, stdout and stderr on a pty; returns the
-    process and the pty's master side (the caller reads, answers and closes it)."""
+@contextlib.contextmanager
+def on_pty(
+    args: Sequence[str], env: dict[str, str], *, stdin_closed: bool = False
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """towerctl `args` under way with stdout and stderr (and stdin, unless `stdin_closed`:
+    then /dev/null) on a pty: (the process, the pty's master side), for the caller to read
+    and answer. On the way out a process still running is killed and waited for, and the
+    master side is closed, whatever the test found."""
     master, slave = os.openpty()
     try:
         proc = subprocess.Popen(
-            [*TOWERCTL, *args], env=env, stdin=slave, stdout=slave, stderr=slave,
-            start_new_session=True,
+            [*TOWERCTL, *args], env=env, stdin=subprocess.DEVNULL if stdin_closed else slave,
+            stdout=slave, stderr=slave, start_new_session=True,
         )  # fmt: skip
     finally:
         os.close(slave)
-    return proc, master
+    try:
+        yield proc, master
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        os.close(master)

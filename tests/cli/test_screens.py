@@ -20,7 +20,7 @@ import pytest
 
 import faults
 from conftest import CLI, OpenedSession, open_session
-from terminal import TOWERCTL, Emulated, emulate, read_pty, run_on_screen, start_on_pty
+from terminal import TOWERCTL, Emulated, emulate, on_pty, read_pty, run_on_screen
 from towerctl.errors import ExitCode
 
 pytestmark = pytest.mark.timeout(90)
@@ -108,29 +108,13 @@ def test_transcript_table_on_a_pipe_is_plain_text(
 def test_follow_table_on_a_terminal_is_coloured_cells_not_codes(
     chat: OpenedSession, tower_env: dict[str, str]
 ) -> None:
-    master, slave = os.openpty()
-    try:
-        proc = subprocess.Popen(
-            [*TOWERCTL, *messages_args(chat, "--follow")],
-            env={**colour_env(tower_env), "TERM": "xterm-256color", "COLUMNS": "120"},
-            stdin=subprocess.DEVNULL,
-            stdout=slave,
-            stderr=slave,
-            start_new_session=True,
-        )
-    finally:
-        os.close(slave)
-    try:
+    env = {**colour_env(tower_env), "TERM": "xterm-256color", "COLUMNS": "120"}
+    with on_pty(messages_args(chat, "--follow"), env, stdin_closed=True) as (proc, master):
         data = read_pty(master, 30, until=lambda seen: b"cleared" in seen, proc=proc)
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
         data += read_pty(master, 30, proc=proc)
         assert proc.wait(timeout=30) == ExitCode.OK
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        os.close(master)
     screen = emulate(data)
     assert screen.row_with("hello tower").split()[2] == "user"
     assert {"cyan", "green"} <= screen.colored
@@ -207,8 +191,7 @@ def test_long_output_on_a_terminal_goes_through_the_pager_and_q_ends_it(
     cli: CLI, conn: psycopg.Connection, tower_env: dict[str, str]
 ) -> None:
     chat = long_chat(cli, conn)
-    proc, master = start_on_pty(messages_args(chat), pager_env(tower_env))
-    try:
+    with on_pty(messages_args(chat), pager_env(tower_env)) as (proc, master):
         shown = read_pty(master, 30, until=lambda seen: b"line 30" in seen)
         time.sleep(0.5)
         assert proc.poll() is None  # waiting in the pager: the screen is full
@@ -217,11 +200,6 @@ def test_long_output_on_a_terminal_goes_through_the_pager_and_q_ends_it(
         os.write(master, b"q")
         assert proc.wait(timeout=30) == ExitCode.OK
         shown += read_pty(master, 5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        os.close(master)
     screen = emulate(shown, 100, 40)
     assert_no_code_as_text(screen)
     assert "line 1" in screen.text
@@ -236,14 +214,8 @@ def test_the_pager_is_bypassed(
     chat = long_chat(cli, conn) if how != "short" else open_session(cli)
     extra = {"PAGER": "cat"} if how == "PAGER=cat" else {}
     args = messages_args(chat, "--no-pager") if how == "--no-pager" else messages_args(chat)
-    proc, master = start_on_pty(args, pager_env(tower_env, **extra))
-    try:
+    with on_pty(args, pager_env(tower_env, **extra)) as (proc, master):
         shown = read_pty(master, 30, proc=proc)
         assert proc.wait(timeout=30) == ExitCode.OK
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        os.close(master)
     if how != "short":
         assert b"line 120" in shown

@@ -6,6 +6,7 @@ every 100 ms."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import pytest
 
 from agents_fixtures import exec_agent, openai_server
 from conftest import CLI, OpenedSession, assert_store_consistent, open_session
-from terminal import emulate, raw_hidden, read_pty, start_on_pty
+from terminal import emulate, on_pty, raw_hidden, read_pty
 from towerctl.config import Pricing
 from towerctl.errors import ExitCode
 from towerctl.requests.rules import cost_sats
@@ -36,9 +37,11 @@ def store(url: str) -> tuple[list[tuple[str, int]], list[str], int]:
         return requests.fetchall(), [m for (m,) in messages.fetchall()], (balance or [0])[0]
 
 
-def on_terminal(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
-    """towerctl `args` on a 120-column xterm pty; (the process, the master side)."""
-    return start_on_pty(args, {**env, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"})
+def on_terminal(
+    args: list[str], env: dict[str, str]
+) -> contextlib.AbstractContextManager[tuple[subprocess.Popen[bytes], int]]:
+    """towerctl `args` on a 120-column xterm pty: (the process, the master side)."""
+    return on_pty(args, {**env, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"})
 
 
 def request_args(s: OpenedSession, agent: str, *more: str) -> list[str]:
@@ -51,16 +54,15 @@ def test_a_slow_stream_shows_its_first_words_before_it_ends(
 ) -> None:
     s = open_session(cli, 1000)
     usage = {"prompt_tokens": 2, "completion_tokens": 20}
-    with openai_server({"tokens": WORDS, "interval": 0.1, "usage": usage}) as (url, received):
-        proc, master = on_terminal(request_args(s, f"openai:{url}"), tower_env)
-        try:
-            early = read_pty(master, 30, until=lambda d: b"word1 " in d, proc=proc)
-            seen = time.monotonic()
-            rest = read_pty(master, 30, proc=proc)
-            ended = time.monotonic()
-            code = proc.wait(timeout=30)
-        finally:
-            os.close(master)
+    with (
+        openai_server({"tokens": WORDS, "interval": 0.1, "usage": usage}) as (url, received),
+        on_terminal(request_args(s, f"openai:{url}"), tower_env) as (proc, master),
+    ):
+        early = read_pty(master, 30, until=lambda d: b"word1 " in d, proc=proc)
+        seen = time.monotonic()
+        rest = read_pty(master, 30, proc=proc)
+        ended = time.monotonic()
+        code = proc.wait(timeout=30)
     assert b"word1 " in early and b"word19" not in early
     assert ended - seen > 1.0  # most of the 2 s stream was still to come
     assert code == ExitCode.OK
@@ -86,16 +88,15 @@ def test_sigint_mid_stream_records_and_charges_nothing(
     tower_env: dict[str, str], cli: CLI, db_url: str
 ) -> None:
     s = open_session(cli, 1000)
-    with openai_server({"tokens": WORDS, "interval": 0.1}) as (url, _):
-        proc, master = on_terminal(request_args(s, f"openai:{url}"), tower_env)
-        try:
-            early = read_pty(master, 30, until=lambda d: b"word2 " in d, proc=proc)
-            assert b"word2 " in early
-            os.killpg(proc.pid, signal.SIGINT)
-            read_pty(master, 30, proc=proc)
-            code = proc.wait(timeout=30)
-        finally:
-            os.close(master)
+    with (
+        openai_server({"tokens": WORDS, "interval": 0.1}) as (url, _),
+        on_terminal(request_args(s, f"openai:{url}"), tower_env) as (proc, master),
+    ):
+        early = read_pty(master, 30, until=lambda d: b"word2 " in d, proc=proc)
+        assert b"word2 " in early
+        os.killpg(proc.pid, signal.SIGINT)
+        read_pty(master, 30, proc=proc)
+        code = proc.wait(timeout=30)
     assert code == 130
     assert store(db_url) == ([], [], 1000)
     again = cli("session", "request", s.id, "hi", "--macaroon", s.macaroon)
@@ -109,14 +110,13 @@ def test_a_stream_stalling_past_the_deadline_is_failed(
 ) -> None:
     s = open_session(cli, 1000)
     env = {**tower_env, "TOWER_AGENT_TIMEOUT": "1.5"}
-    with openai_server({"tokens": WORDS, "interval": 0.05, "stall": 3}) as (url, _):
-        proc, master = on_terminal(request_args(s, f"openai:{url}"), env)
+    with (
+        openai_server({"tokens": WORDS, "interval": 0.05, "stall": 3}) as (url, _),
+        on_terminal(request_args(s, f"openai:{url}"), env) as (proc, master),
+    ):
         started = time.monotonic()
-        try:
-            shown = read_pty(master, 30, proc=proc)
-            code = proc.wait(timeout=30)
-        finally:
-            os.close(master)
+        shown = read_pty(master, 30, proc=proc)
+        code = proc.wait(timeout=30)
     assert time.monotonic() - started < 10
     assert code == ExitCode.AGENT_FAILED
     assert b"word0 word1 word2" in shown and b"timed out" in shown
@@ -132,13 +132,12 @@ def test_a_stream_past_the_budget_is_cut_there_on_screen_and_in_the_store(
     server ignores max_tokens and streams 600."""
     s = open_session(cli, 15)
     tokens = ["abcdefghij" for _ in range(60)]
-    with openai_server({"tokens": tokens}) as (url, received):
-        proc, master = on_terminal(request_args(s, f"openai:{url}"), tower_env)
-        try:
-            shown = read_pty(master, 30, proc=proc)
-            code = proc.wait(timeout=30)
-        finally:
-            os.close(master)
+    with (
+        openai_server({"tokens": tokens}) as (url, received),
+        on_terminal(request_args(s, f"openai:{url}"), tower_env) as (proc, master),
+    ):
+        shown = read_pty(master, 30, proc=proc)
+        code = proc.wait(timeout=30)
     assert code == ExitCode.OK
     assert received[0]["max_tokens"] == 33
     cut = ("abcdefghij" * 60)[:132]
@@ -154,15 +153,12 @@ def test_exec_output_is_shown_as_it_arrives_and_sanitised(
     body = "import time\nprint('first \\x1b[31mred', flush=True)\ntime.sleep(1.5)\nprint('last')\n"
     agent = exec_agent(tmp_path, "slow.py", body)
     s = open_session(cli, 1000)
-    proc, master = on_terminal(request_args(s, agent), tower_env)
-    try:
+    with on_terminal(request_args(s, agent), tower_env) as (proc, master):
         early = read_pty(master, 30, until=lambda d: b"red" in d, proc=proc)
         seen = time.monotonic()
         rest = read_pty(master, 30, proc=proc)
         code = proc.wait(timeout=30)
         assert time.monotonic() - seen > 1.0  # shown while the agent still ran
-    finally:
-        os.close(master)
     assert code == ExitCode.OK
     text = (early + rest).decode()
     assert raw_hidden(text) == [] and "\\x1b[31mred" in text
@@ -176,13 +172,12 @@ def test_no_stream_and_json_ask_for_no_stream(
     tower_env: dict[str, str], cli: CLI, db_url: str, flag: str
 ) -> None:
     s = open_session(cli, 1000)
-    with openai_server({"tokens": WORDS, "reply": REPLY}) as (url, received):
-        proc, master = on_terminal(request_args(s, f"openai:{url}", flag), tower_env)
-        try:
-            shown = read_pty(master, 30, proc=proc)
-            code = proc.wait(timeout=30)
-        finally:
-            os.close(master)
+    with (
+        openai_server({"tokens": WORDS, "reply": REPLY}) as (url, received),
+        on_terminal(request_args(s, f"openai:{url}", flag), tower_env) as (proc, master),
+    ):
+        shown = read_pty(master, 30, proc=proc)
+        code = proc.wait(timeout=30)
     assert code == ExitCode.OK
     assert "stream" not in received[0]
     assert REPLY.strip() in shown.decode()
@@ -273,13 +268,12 @@ def test_a_stream_past_the_reply_bound_is_failed_on_a_terminal(
     streamed (the budget, 25 tokens, is the bound's): failed, nothing charged."""
     s = open_session(cli, 10_000)
     env = {**tower_env, "TOWER_MAX_REPLY_CHARS": "100"}
-    with openai_server({"tokens": ["abcdefghij"] * 60}) as (url, received):
-        proc, master = on_terminal(request_args(s, f"openai:{url}"), env)
-        try:
-            shown = read_pty(master, 30, proc=proc)
-            code = proc.wait(timeout=30)
-        finally:
-            os.close(master)
+    with (
+        openai_server({"tokens": ["abcdefghij"] * 60}) as (url, received),
+        on_terminal(request_args(s, f"openai:{url}"), env) as (proc, master),
+    ):
+        shown = read_pty(master, 30, proc=proc)
+        code = proc.wait(timeout=30)
     assert code == ExitCode.AGENT_FAILED, shown
     assert received[0]["max_tokens"] == 25
     assert store(db_url)[0] == [("failed", 0)]

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import CLI, OpenedSession, assert_store_consistent, open_session
 from expired_histories import seed_expired as seed
-from terminal import emulate, read_pty, run_on_pty, start_on_pty
+from terminal import emulate, on_pty, read_pty, run_on_pty
 from towerctl.errors import ExitCode
 
 TOWERCTL = [sys.executable, "-m", "towerctl"]
@@ -271,21 +271,15 @@ def test_the_prompt_stays_on_the_screen_answered(
     question with its answer, then the outcome; the progress bar leaves no trace."""
     seed(conn, sessions=2, requests=10)
     env = {k: v for k, v in (os.environ | tower_env).items() if k != "NO_COLOR"}
-    proc, master = start_on_pty(
+    with on_pty(
         ["session", "purge", "--expired-for", "7d"],
         {**env, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"},
-    )
-    try:
+    ) as (proc, master):
         # The prompt's last space is written on its own, after the rest: wait for it.
         data = read_pty(master, 30, until=lambda seen: b"[y/N]: " in seen)
         os.write(master, b"y\n")
         data += read_pty(master, 30, proc=proc)
         assert proc.wait(timeout=30) == ExitCode.OK
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        os.close(master)
     shown = emulate(data, 120)
     prompt = shown.row_with("Delete 40 messages")
     assert prompt.strip().endswith("[y/N]: y"), shown.text
