@@ -9,7 +9,10 @@
 --   UPDATE refuses those);
 -- - no `SET plan_cache_mode` on the functions (a function-level setting sends Citus
 --   13.2's router planner down a path that crashes the node running it); each
---   statement in a plpgsql function is still planned once per connection and kept.
+--   statement in a plpgsql function is still planned once per connection and kept;
+-- - a request's messages are written by one plain INSERT each, and the write notifies
+--   `session messages --follow` itself (the trigger of 0010 stays for other writers;
+--   a distributed store drops it).
 --
 -- towerctl_take_lease is the lease rule alone, for a request and for a history
 -- clear alike (one rule, in one place): take the lease on a session for p_hold
@@ -213,12 +216,22 @@ BEGIN
         INSERT INTO balance_ledger (session_id, kind, amount_sats, session_request_id)
         VALUES (p_sid, 'debit', out_debited_sats, out_request_id);
     END IF;
-    INSERT INTO session_messages (session_id, role, content, session_request_id, token_count)
-    SELECT p_sid, m.role, m.content, out_request_id, m.tokens
-    FROM (VALUES (1, 'user', p_user, p_user_tokens),
-                 (2, 'assistant', p_reply, p_reply_tokens)) AS m(ord, role, content, tokens)
-    WHERE m.content <> ''
-    ORDER BY m.ord;
+    -- one statement per message, the user's first (ids in that order): each a plain
+    -- INSERT of values, which a distributed store sends to the session's node as it is
+    IF p_user <> '' THEN
+        INSERT INTO session_messages (session_id, role, content, session_request_id, token_count)
+        VALUES (p_sid, 'user', p_user, out_request_id, p_user_tokens);
+    END IF;
+    IF p_reply <> '' THEN
+        INSERT INTO session_messages (session_id, role, content, session_request_id, token_count)
+        VALUES (p_sid, 'assistant', p_reply, out_request_id, p_reply_tokens);
+    END IF;
+    IF p_user <> '' OR p_reply <> '' THEN
+        -- wakes `session messages --follow` (as 0010's trigger does; PostgreSQL delivers
+        -- one of the two at commit): on a distributed store the trigger is gone and this
+        -- function runs on the coordinator, where the followers listen
+        PERFORM pg_notify('towerctl_session_' || replace(p_sid::text, '-', ''), '');
+    END IF;
     IF out_renewed THEN
         SELECT array_agg(h.role ORDER BY h.id DESC), array_agg(h.content ORDER BY h.id DESC),
                array_agg(h.token_count ORDER BY h.id DESC)

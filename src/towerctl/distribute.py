@@ -11,13 +11,16 @@ command is idempotent):
   runs (a ledger made a reference table is taken back: `migrate` cannot write one);
   every other table without a session becomes a reference table (a copy on every
   node: revoked tokens, the doctor's watermarks);
-- the request functions (`towerctl_*` whose first argument is `p_sid`) are distributed
-  by that argument, colocated with `sessions`: a request's take and write run on the
-  node that holds its session, in one round trip from the coordinator;
+- the session functions (`towerctl_take_request`, `towerctl_write_request`, ...)
+  stay on the coordinator, each of their statements sent to the node that holds the
+  session: every row gets its id from the coordinator's one sequence, so ids keep the
+  order of their writes through a shard move (`citus_move_shard_placement`), and the
+  order of a transcript, its cursors, `--last`, the context window and `--follow`
+  (which listens on the coordinator, where the write notifies it) stay right;
+  functions run on the workers would take ids from each worker's own range;
 - the trigger that notifies `session messages --follow` of new messages is dropped
   first: a distributed table cannot keep it (its NOTIFY would run on a worker, inside
-  a two-phase commit, which PostgreSQL refuses); `--follow` is refused on a
-  distributed store for now (its horizon reads the coordinator's id sequence).
+  a two-phase commit, which PostgreSQL refuses); the request's write notifies instead.
 
 Each step runs in its own statement, in the order above; a step already in place is
 reported as such and skipped, so an interrupted run is finished by running it again.
@@ -56,13 +59,6 @@ FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
 WHERE c.relnamespace = current_schema()::regnamespace AND NOT t.tgisinternal
 ORDER BY 1, 2
 """
-FUNCTIONS = """
-SELECT p.oid::regprocedure::text
-FROM pg_proc p
-WHERE p.pronamespace = current_schema()::regnamespace AND p.proname LIKE 'towerctl\\_%'
-  AND p.proargnames[1] = 'p_sid'
-ORDER BY 1
-"""
 # Which table's foreign keys reference which (a referenced table is distributed first).
 REFERENCES = """
 SELECT c.conrelid::regclass::text, c.confrelid::regclass::text
@@ -75,15 +71,11 @@ CITUS = "SELECT extversion FROM pg_extension WHERE extname = 'citus'"
 PLACED_TABLES = """
 SELECT logicalrelid::regclass::text, partmethod FROM pg_dist_partition
 """
-PLACED_FUNCTIONS = """
-SELECT objid::regprocedure::text FROM pg_dist_object
-WHERE classid = 'pg_proc'::regclass AND distribution_argument_index IS NOT NULL
-"""
 
 
 @dataclass(frozen=True)
 class Step:
-    action: str  # drop-trigger, distribute, reference, keep, distribute-function
+    action: str  # drop-trigger, distribute, reference, keep
     target: str
     detail: str
     sql: str
@@ -105,10 +97,8 @@ def plan(conn: psycopg.Connection) -> Plan:
     row = conn.execute(CITUS).fetchone()
     citus = str(row[0]) if row else None
     placed: dict[str, str] = {}
-    functions_placed: set[str] = set()
     if citus is not None:
         placed = dict(conn.execute(PLACED_TABLES).fetchall())
-        functions_placed = {r[0] for r in conn.execute(PLACED_FUNCTIONS)}
     steps = [
         _trigger_step(table, trigger)
         for table, trigger in conn.execute(TRIGGERS).fetchall()
@@ -131,11 +121,6 @@ def plan(conn: psycopg.Connection) -> Plan:
             sql = "SELECT create_reference_table(%s)"
             done = placed.get(table) == "n"
             steps.append(Step("reference", table, "a copy on every node", sql, (table,), done))
-    for signature in (r[0] for r in conn.execute(FUNCTIONS)):
-        sql = "SELECT create_distributed_function(%s, 'p_sid', colocate_with => %s)"
-        detail = f"by p_sid, colocated with {ANCHOR}"
-        done = signature in functions_placed
-        steps.append(Step("distribute-function", signature, detail, sql, (signature, ANCHOR), done))
     return Plan(citus, steps)
 
 
@@ -168,7 +153,7 @@ def _trigger_step(table: str, trigger: str) -> Step:
             f"{table} has the trigger {trigger}, which a distributed table cannot keep",
             hint="drop it (or move its work elsewhere), then run db distribute again",
         )
-    detail = "a distributed table cannot keep it (session messages --follow is then refused)"
+    detail = "a distributed table cannot keep it (the request's write notifies followers)"
     # Only the known trigger of a known table is dropped: names are towerctl's own.
     sql = f"DROP TRIGGER IF EXISTS {trigger} ON {table}"
     return Step("drop-trigger", f"{trigger} on {table}", detail, sql, (), False)

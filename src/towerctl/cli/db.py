@@ -92,8 +92,9 @@ def distribute_store(
 
     Distributes sessions by id and every per-session table by session_id, colocated;
     makes the other session-less tables reference tables and keeps the migration ledger
-    on the coordinator; distributes the request functions by their session; drops the
-    trigger behind `session messages --follow` (refused on a distributed store).
+    on the coordinator, with the session functions (so ids keep their order through a
+    shard move); drops the trigger behind `session messages --follow` (the request's
+    write notifies instead).
     Idempotent: what is in place is skipped (and `migrate` places what a later migration
     adds). Exit 2 where Citus is not installed (--dry-run still prints the plan).
     """

@@ -47,7 +47,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from towerctl import auth, db, distribute, render, sessions, transcripts
+from towerctl import auth, db, render, sessions, transcripts
 from towerctl.errors import BadInput
 from towerctl.transcripts import MESSAGE_JSON, REQUEST_STATE, Format, Message, Selection
 from towerctl.transcripts.export import BinaryOut, Blocks, Options, TextStream
@@ -228,14 +228,6 @@ def follow(
     follow opens its own connection to `listen_url` for LISTEN and closes it."""
     timing = timing or Timing()
     check_follow(selection, options.fmt)
-    if distribute.distributed(conn, "session_messages"):
-        # The settled horizon reads the coordinator's sequence; on a cluster each node
-        # hands out ids of its own, so no horizon would ever cover the new messages.
-        raise BadInput(
-            "--follow does not work on a distributed store (Citus) yet: message ids "
-            "there come from each node's own range",
-            hint="read what is new with --after ID instead",
-        )
     with ExitStack() as stack:
         listener = stack.enter_context(
             closing(db.connect(listen_url, application_name="towerctl-follow"))
