@@ -20,6 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from agents_fixtures import exec_agent
 from conftest import CLI, ROOT_KEY_HEX, OpenedSession, assert_store_consistent, open_session
 from terminal import TOWERCTL
 from towerctl.errors import ExitCode
@@ -223,6 +224,44 @@ def test_concurrent_requests_never_overdraw(cluster: CLI) -> None:
     assert balance >= 0 and debited == ledger_debits == 45 - balance
     assert complete == codes.count(ExitCode.OK)
     assert_store_consistent(URL)
+
+
+def test_a_failed_agent_is_recorded_and_not_charged(cluster: CLI, tmp_path: Path) -> None:
+    s = open_session(cluster, deposit=100)
+    agent = exec_agent(tmp_path, "broken", "sys.exit(3)")
+    failed = request(cluster, s, "hello", "--agent", agent)
+    assert failed["exit"] == ExitCode.AGENT_FAILED and failed["state"] == "failed"
+    assert failed["debitedSats"] == 0
+    shown = json.loads(cluster("session", "show", s.id, "--json").stdout)
+    assert shown["balanceSats"] == 100
+
+
+def test_purge_deletes_expired_histories_through_the_coordinator(cluster: CLI) -> None:
+    s = open_session(cluster, deposit=500)
+    for i in range(3):
+        assert request(cluster, s, f"old {i}")["exit"] == ExitCode.OK
+    with psycopg.connect(URL, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE sessions SET created_at = now() - interval '20 days',"
+            " last_activity_at = now() - interval '11 days',"
+            " expires_at = now() - interval '10 days', state = 'expired' WHERE id = %s",
+            (s.id,),
+        )
+    result = cluster("session", "purge", "--expired-for", "7d", "--yes", "--json")
+    assert result.exit_code == ExitCode.OK, result.stderr
+    assert json.loads(result.stdout)["messages"] >= 6
+    with psycopg.connect(URL) as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM session_messages WHERE session_id = %s", (s.id,)
+        ).fetchone()
+        recorded = conn.execute(
+            "SELECT messages_deleted FROM session_history_clears"
+            " WHERE session_id = %s AND macaroon_identifier = 'purge'",
+            (s.id,),
+        ).fetchone()
+    assert left == (0,) and recorded == (6,)
+    full = cluster("doctor", "--full")
+    assert full.exit_code == ExitCode.OK, full.stdout
 
 
 # Last: the files it adds are not in the packaged folder, which doctor compares with.
