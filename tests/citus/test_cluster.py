@@ -264,6 +264,27 @@ def test_purge_deletes_expired_histories_through_the_coordinator(cluster: CLI) -
     assert full.exit_code == ExitCode.OK, full.stdout
 
 
+def test_support_commands_find_and_explain(cluster: CLI) -> None:
+    s = open_session(cluster, deposit=500)
+    assert request(cluster, s, "where is my zanzibarite refund")["exit"] == ExitCode.OK
+    found = cluster("session", "find", "zanzibarite", "--json")
+    assert found.exit_code == ExitCode.OK, found.stderr
+    assert s.id in found.stdout
+    charged = cluster("session", "requests", s.id, "--json")
+    assert charged.exit_code == ExitCode.OK, charged.stderr
+    doc = json.loads(charged.stdout)
+    debits = sum(r["debitedSats"] for r in doc["requests"])
+    assert (
+        debits > 0
+        and 500 - debits
+        == json.loads(cluster("session", "show", s.id, "--json").stdout)["balanceSats"]
+    )
+    listed = cluster("session", "list", "--json", "--limit", "500")
+    assert listed.exit_code == ExitCode.OK and s.id in listed.stdout
+    short = cluster("session", "show", s.id[:8], "--json")
+    assert short.exit_code == ExitCode.OK and json.loads(short.stdout)["sessionId"] == s.id
+
+
 # Last: the files it adds are not in the packaged folder, which doctor compares with.
 def test_a_migration_adding_a_per_session_table_distributes_it(
     cluster: CLI, tmp_path: Path
