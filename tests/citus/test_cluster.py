@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -170,9 +171,17 @@ def test_order_survives_a_shard_move(cluster: CLI, tmp_path: Path) -> None:
             assert shard_node(conn, s.id)[2] == other[1]
         for i in range(3):
             assert request(cluster, s, f"after {i}")["exit"] == ExitCode.OK
+        # the context window a request sends its agent: the newest messages, in order
+        agent = exec_agent(tmp_path, "context", "print(json.dumps([m['content'] for m in "
+                           "conv['messages']]))")  # fmt: skip
+        seen = request(cluster, s, "after 3", "--agent", agent)
+        assert seen["exit"] == ExitCode.OK
+        context = json.loads(str(seen["result"]))
+        assert context[-5:] == ["after 1", "after 1", "after 2", "after 2", "after 3"]
         expected = [f"{w} {i}" for w in ("before", "after") for i in range(3) for _ in range(2)]
+        expected += ["after 3", json.dumps(context)]
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len(out.read_text().splitlines()) < 12:
+        while time.monotonic() < deadline and len(out.read_text().splitlines()) < 14:
             time.sleep(0.2)
     finally:
         follow.send_signal(signal.SIGINT)
@@ -184,7 +193,7 @@ def test_order_survives_a_shard_move(cluster: CLI, tmp_path: Path) -> None:
     last = cluster(
         "session", "messages", s.id, "--macaroon", s.macaroon, "--format", "ndjson", "--last", "2"
     )
-    assert [json.loads(line)["content"] for line in last.stdout.splitlines()] == ["after 2"] * 2
+    assert [json.loads(line)["content"] for line in last.stdout.splitlines()] == expected[-2:]
     assert cluster("doctor").exit_code == ExitCode.OK
 
 
@@ -283,6 +292,30 @@ def test_support_commands_find_and_explain(cluster: CLI) -> None:
     assert listed.exit_code == ExitCode.OK and s.id in listed.stdout
     short = cluster("session", "show", s.id[:8], "--json")
     assert short.exit_code == ExitCode.OK and json.loads(short.stdout)["sessionId"] == s.id
+
+
+def test_busy_and_expired_sessions_are_refused(cluster: CLI) -> None:
+    s = open_session(cluster, deposit=500)
+    with psycopg.connect(URL, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE sessions SET lease_owner = %s,"
+            " lease_until = now() + interval '1 minute' WHERE id = %s",
+            (uuid.uuid4(), s.id),
+        )
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("TOWER_BUSY_WAIT", "0")
+            busy = cluster("session", "request", s.id, "hi", "--macaroon", s.macaroon, "--json")
+        conn.execute(
+            "UPDATE sessions SET lease_owner = NULL, lease_until = NULL,"
+            " created_at = now() - interval '3 days', last_activity_at = now() - interval '2 days',"
+            " expires_at = now() - interval '1 day' WHERE id = %s",
+            (s.id,),
+        )
+    assert busy.exit_code == ExitCode.NOT_SERVED and "busy" in busy.stdout
+    expired = request(cluster, s, "hi")
+    assert expired["exit"] == ExitCode.NOT_SERVED and "expired" in str(expired["reason"])
+    shown = json.loads(cluster("session", "show", s.id, "--json").stdout)
+    assert shown["balanceSats"] == 500 and shown["state"] == "expired"
 
 
 # Last: the files it adds are not in the packaged folder, which doctor compares with.
