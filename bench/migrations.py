@@ -75,7 +75,7 @@ class MigrationWorkloads(BenchBase):
         dirs = self.write_migrations("project", files)
         expected = {"sessions", "session_requests", "balance_ledger", "session_messages"}
         expected |= {"macaroon_revocations", "session_history_clears"}
-        expected_indexes = {"sessions_state_expires_idx", "session_messages_request_idx"}
+        expected_indexes = {"sessions_state_expires_idx", "session_messages_request_role_idx"}
 
         def check(db: str) -> None:
             rows = self.server.query(
