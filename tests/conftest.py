@@ -322,7 +322,10 @@ def assert_store_consistent(url: str) -> None:
     """The doctor's invariants (ledger, messages, requests) hold."""
     from towerctl.doctor import run_checks
 
-    with psycopg.connect(url, autocommit=True) as c:
+    # No server-side prepared statements (towerctl's own connections make none): the
+    # checks repeat statements, and behind a transaction-pooling PgBouncer a statement
+    # psycopg prepared on one server connection is unknown, or taken, on the next.
+    with psycopg.connect(url, autocommit=True, prepare_threshold=None) as c:
         failed = [f"{k.name}: {k.detail}" for k in run_checks(c) if not k.ok]
     assert failed == []
 
